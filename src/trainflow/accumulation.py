@@ -1,0 +1,120 @@
+"""Exact gradient accumulation over an update window of several chunks.
+
+A window is every chunk one update sees: ``accumulate`` batches, each split into chunks of at
+most ``microbatch_size`` samples. The gradient of the window must equal the gradient of the
+one big batch made of all its chunks, also when the chunks differ in size.
+
+How: each chunk contributes the *sum* form of each loss term (a mean times the chunk's sample
+count, or an :class:`~trainflow.Average`'s total), and the accumulated gradient is divided
+once by the window's total count. Terms normalised by different counts (samples for a mean,
+tokens for an ``Average``) are accumulated in separate buffers, each divided by its own total.
+A window of one chunk never comes here: it is differentiated as is, so that it matches a
+plain loop bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from trainflow.data.batch import sample_count
+from trainflow.losses import Term
+
+__all__ = ["accumulate_window"]
+
+_SAMPLES = "samples"  # the normaliser shared by every mean-valued term
+
+
+def _sums(terms: list[Term], chunk: Any, step: str) -> tuple[dict[str, tuple[torch.Tensor, Any]], dict[str, str]]:
+    """Per normaliser group, the chunk's summed loss and its count; and each term's group."""
+    groups: dict[str, tuple[torch.Tensor, Any]] = {}
+    group_of: dict[str, str] = {}
+    n = None
+    for term in terms:
+        if term.total is None:
+            n = sample_count(chunk, step) if n is None else n
+            group, total, count = _SAMPLES, term.value * n, n
+        else:
+            group, total, count = f"Average {term.name!r}", term.total, term.count
+        group_of[term.name] = group
+        if group in groups:
+            groups[group] = (groups[group][0] + total, count)
+        else:
+            groups[group] = (total, count)
+    return groups, group_of
+
+
+def accumulate_window(
+    chunks: Sequence[Any],
+    forward: Callable[[Any], list[Term]],
+    scale: Callable[[torch.Tensor], torch.Tensor],
+    params: list[torch.Tensor],
+    step: str,
+) -> dict[str, torch.Tensor]:
+    """Accumulate the exact gradient of the window ``chunks`` into ``params[i].grad``.
+
+    ``forward(chunk)`` returns the chunk's loss terms; ``scale`` is applied to what is
+    differentiated (the mixed-precision loss scale, or identity). The parameters' gradients
+    must be cleared before the call. Returns each term's window value, detached.
+    """
+    term_sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, Any] = {}
+    layout: dict[str, str] | None = None
+    buffers: dict[str, list[torch.Tensor | None]] = {}
+    for chunk in chunks:
+        terms = forward(chunk)
+        groups, group_of = _sums(terms, chunk, step)
+        if layout is None:
+            layout = group_of
+        elif group_of != layout:
+            raise ValueError(
+                f"Step {step!r}: the loss returned different terms for two batches of one update "
+                f"({sorted(layout)} then {sorted(group_of)}). Return the same names, each always a "
+                "mean or always an Average."
+            )
+        for term in terms:
+            n = groups[group_of[term.name]][1]
+            total = term.value.detach() * n if term.total is None else term.total.detach()
+            term_sums[term.name] = total if term.name not in term_sums else term_sums[term.name] + total
+        for group, (_, count) in groups.items():
+            counts[group] = count if group not in counts else counts[group] + count
+        if len(groups) == 1:
+            ((total, _),) = groups.values()
+            scale(total).backward(inputs=params)
+        else:
+            _into_buffers(groups, params, buffers, scale)
+    assert layout is not None, "an update window has at least one chunk"
+    _normalise(params, counts, buffers)
+    return {name: total / counts[layout[name]] for name, total in term_sums.items()}
+
+
+def _into_buffers(groups, params, buffers, scale) -> None:
+    """Differentiate each normaliser group into its own gradient buffer."""
+    names = list(groups)
+    for i, group in enumerate(names):
+        grads = torch.autograd.grad(
+            scale(groups[group][0]), params, retain_graph=i < len(names) - 1, allow_unused=True
+        )
+        buf = buffers.setdefault(group, [None] * len(params))
+        for j, g in enumerate(grads):
+            if g is not None:
+                buf[j] = g if buf[j] is None else buf[j] + g
+
+
+def _normalise(params: list[torch.Tensor], counts: dict[str, Any], buffers) -> None:
+    if not buffers:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            (count,) = counts.values()
+            torch._foreach_div_(grads, float(count))
+        return
+    for j, p in enumerate(params):
+        grad = None
+        for group, buf in buffers.items():
+            if buf[j] is not None:
+                part = buf[j] / float(counts[group])
+                grad = part if grad is None else grad + part
+        if grad is not None:
+            p.grad = grad

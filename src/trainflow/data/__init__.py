@@ -1,0 +1,1 @@
+"""Data helpers: batch structures and the embedded digits dataset."""

@@ -1,0 +1,118 @@
+"""Named data streams: where each stream is, and when its iterators are made.
+
+An iterator is made exactly when a hand-written loop would make one: the "train" stream's at
+the start of each epoch (``for batch in loader``), any other stream's when it is first drawn
+from and again each time it runs out (``it = iter(loader)`` on ``StopIteration``). A
+``DataLoader`` draws its shuffle seed from the global RNG when its iterator is made and first
+advanced, so making iterators at these same moments keeps runs bit-identical to such loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from trainflow.data.batch import move
+
+__all__ = ["Stream", "open_streams"]
+
+TRAIN = "train"
+
+
+class Stream:
+    """One named iterable, its live iterator and how many batches this pass has taken."""
+
+    __slots__ = ("name", "iterable", "device", "iterator", "consumed", "exhausted")
+
+    def __init__(self, name: str, iterable: Iterable, device: torch.device) -> None:
+        self.name = name
+        self.iterable = iterable
+        self.device = device
+        self.iterator: Iterator | None = None
+        self.consumed = 0
+        self.exhausted = False
+
+    def restart(self) -> None:
+        """Begin a new pass over the data (a new epoch for "train")."""
+        self.iterator = iter(self.iterable)
+        self.consumed = 0
+        self.exhausted = False
+
+    def _next(self) -> Any:
+        if self.iterator is None:
+            self.restart()
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            if self.name == TRAIN:
+                self.exhausted = True
+                return None
+            self.restart()  # other streams cycle on their own
+            try:
+                batch = next(self.iterator)
+            except StopIteration:
+                raise ValueError(
+                    f"Data stream {self.name!r} yielded no batch. Pass a non-empty iterable for it."
+                ) from None
+        self.consumed += 1
+        return batch if self.device.type == "cpu" else move(batch, self.device)
+
+    def take(self, n: int) -> list[Any]:
+        """Up to ``n`` batches; fewer (maybe none) when the "train" stream runs out."""
+        if self.exhausted:
+            return []
+        if n == 1:
+            batch = self._next()
+            return [] if batch is None else [batch]
+        batches = []
+        for _ in range(n):
+            batch = self._next()
+            if batch is None:
+                break
+            batches.append(batch)
+        return batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed": self.consumed, "exhausted": self.exhausted, "started": self.iterator is not None}
+
+
+def open_streams(data: Any, needed: Mapping[str, str], device: torch.device) -> dict[str, Stream]:
+    """Check ``fit``'s ``data`` against the streams the steps name; wrap each in a Stream.
+
+    ``needed`` maps each stream name to a step that draws from it (for error messages).
+    """
+    if isinstance(data, Mapping):
+        streams = dict(data)
+        if TRAIN not in streams:
+            raise ValueError(
+                f"fit: `data` must have a 'train' stream; an epoch ends when it runs out. "
+                f"Received: data with streams {sorted(streams)}. Name the main stream 'train'."
+            )
+    else:
+        streams = {TRAIN: data}
+    for name, iterable in streams.items():
+        if isinstance(iterable, (str, bytes)) or not isinstance(iterable, Iterable):
+            raise TypeError(
+                f"fit: data stream {name!r} must be an iterable of batches (e.g. a DataLoader). "
+                f"Received: {type(iterable).__name__}. Wrap tensors in a DataLoader(TensorDataset(...))."
+            )
+        if isinstance(iterable, Iterator):
+            raise TypeError(
+                f"fit: data stream {name!r} is an iterator, which can be read only once. "
+                "Pass the re-iterable object itself (the DataLoader, a list), not iter(...)."
+            )
+    for name, step in needed.items():
+        if name not in streams:
+            raise ValueError(
+                f"fit: step {step!r} draws from data stream {name!r}, which `data` does not have. "
+                f"Received: streams {sorted(streams)}. Pass data={{'train': ..., {name!r}: ...}} "
+                f"or set Step(..., data=...) to one of them."
+            )
+    if TRAIN not in needed:
+        raise ValueError(
+            "fit: no step draws from the 'train' stream, so an epoch would never end. "
+            f"Received: steps draw from {sorted(needed)}. Give at least one step data='train'."
+        )
+    return {name: Stream(name, iterable, device) for name, iterable in streams.items()}

@@ -1,0 +1,127 @@
+"""What a loss function may return, and how it becomes one tensor to differentiate.
+
+A step's ``loss(batch)`` returns one of:
+
+- a scalar tensor: a mean over the batch's samples;
+- :class:`Average` ``(total, count)``: a sum and what it is a sum over (tokens, pixels...);
+- a dict of named such values, summed in order (each name is logged on its own).
+
+:func:`parse_loss` turns any of these into a list of :class:`Term` so that the update code
+handles one shape only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Average", "Term", "parse_loss"]
+
+
+@dataclass(frozen=True, slots=True)
+class Average:
+    """A loss given as a sum and the count it is a sum over: its value is ``total / count``.
+
+    Return it from a loss function when the natural normaliser is not the number of samples,
+    e.g. summed token losses and the number of tokens. Under accumulation the window is then
+    normalised by the window's total count, exactly as one big batch would be.
+
+    Example:
+        >>> import torch
+        >>> from trainflow import Average
+        >>> token_losses = torch.tensor([0.5, 1.0, 1.5])
+        >>> avg = Average(token_losses.sum(), 3)
+        >>> float(avg.value())
+        1.0
+    """
+
+    total: torch.Tensor
+    count: torch.Tensor | int | float
+
+    def value(self) -> torch.Tensor:
+        """The mean, ``total / count``."""
+        return self.total / self.count
+
+
+@dataclass(slots=True)
+class Term:
+    """One named part of a step's loss.
+
+    ``value`` is what is differentiated for a single-batch update (the mean);
+    ``total`` and ``count`` are set for :class:`Average` terms only.
+    """
+
+    name: str
+    value: torch.Tensor
+    total: torch.Tensor | None = None
+    count: torch.Tensor | int | float | None = None
+
+
+def _check_tensor(value: Any, step: str, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"Step {step!r}: loss {name!r} must be a scalar tensor or trainflow.Average(total, count). "
+            f"Received: {name}={_short(value)} of type {type(value).__name__}. "
+            "Return a tensor, e.g. `torch.nn.functional.mse_loss(pred, y)`."
+        )
+    if value.ndim != 0:
+        raise ValueError(
+            f"Step {step!r}: loss {name!r} must be a scalar (0-dim) tensor, a mean over the batch. "
+            f"Received: a tensor of shape {tuple(value.shape)}. "
+            "Reduce it first, e.g. `loss.mean()`, or return trainflow.Average(loss.sum(), count)."
+        )
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _term(value: Any, step: str, name: str) -> Term:
+    if isinstance(value, Average):
+        total = _check_tensor(value.total, step, f"{name}.total")
+        return Term(name, total / value.count, total, value.count)
+    return Term(name, _check_tensor(value, step, name))
+
+
+def parse_loss(output: Any, step: str) -> list[Term]:
+    """Turn what a loss function returned into named terms, checking every part.
+
+    Example:
+        >>> import torch
+        >>> terms = parse_loss({"mse": torch.tensor(1.0), "l1": torch.tensor(2.0)}, step="fit")
+        >>> [(t.name, float(t.value)) for t in terms]
+        [('mse', 1.0), ('l1', 2.0)]
+    """
+    if isinstance(output, dict):
+        if not output:
+            raise ValueError(
+                f"Step {step!r}: the loss function returned an empty dict. "
+                "Return at least one named loss, e.g. {'mse': mse, 'l1': l1}."
+            )
+        return [_term(v, step, str(k)) for k, v in output.items()]
+    return [_term(output, step, "loss")]
+
+
+def total_of(terms: list[Term]) -> torch.Tensor:
+    """Sum the terms' values left to right, as ``a + b + c`` in a hand-written loop."""
+    total = terms[0].value
+    for term in terms[1:]:
+        total = total + term.value
+    return total
+
+
+def check_finite(terms: list[Term], step: str, update: int) -> None:
+    """Raise when a term is NaN or infinite (this reads the value: call it where a sync is cheap)."""
+    for term in terms:
+        value = term.value.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"Step {step!r}: loss {term.name!r} is {value} at update {update}. "
+                "Lower the learning rate, clip gradients (Step(..., clip_grad_norm=1.0)), "
+                "or check the data for NaN/inf."
+            )

@@ -1,0 +1,177 @@
+"""``Step``: one kind of optimizer update, checked when it is built."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["Step"]
+
+BATCH_MODES = ("next", "same")
+
+
+def _positive_int(value: Any, arg: str, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Step: `{arg}` must be an int. Received: {arg}={value!r}. {fix}")
+    if value < 1:
+        raise ValueError(f"Step: `{arg}` must be >= 1. Received: {arg}={value!r}. {fix}")
+    return value
+
+
+def _optimizers(optimizer: Any) -> tuple[torch.optim.Optimizer, ...]:
+    optimizers = tuple(optimizer) if isinstance(optimizer, (list, tuple)) else (optimizer,)
+    if not optimizers:
+        raise ValueError(
+            "Step: `optimizer` must be a torch.optim.Optimizer or a non-empty list of them. "
+            "Received: optimizer=[]. Pass the optimizer(s) this step updates."
+        )
+    for i, opt in enumerate(optimizers):
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                "Step: `optimizer` must be a torch.optim.Optimizer or a list of them. "
+                f"Received: optimizer[{i}] of type {type(opt).__name__}. "
+                "Build one first, e.g. torch.optim.SGD(model.parameters(), lr=0.01)."
+            )
+    seen: set[int] = set()
+    for i, opt in enumerate(optimizers):
+        if id(opt) in seen:
+            raise ValueError(
+                f"Step: the same optimizer is passed twice (optimizer[{i}], a {type(opt).__name__}). "
+                "It would be stepped twice per update. Pass each optimizer once."
+            )
+        seen.add(id(opt))
+    return optimizers
+
+
+def _schedulers(scheduler: Any) -> tuple[Any, ...]:
+    if scheduler is None:
+        return ()
+    schedulers = tuple(scheduler) if isinstance(scheduler, (list, tuple)) else (scheduler,)
+    for i, s in enumerate(schedulers):
+        if not callable(getattr(s, "step", None)):
+            raise TypeError(
+                "Step: `scheduler` must be a torch.optim.lr_scheduler object (anything with a "
+                f"step() method) or a list of them. Received: scheduler[{i}] of type {type(s).__name__}. "
+                "Build one on this step's optimizer, e.g. torch.optim.lr_scheduler.StepLR(opt, 10)."
+            )
+    return schedulers
+
+
+def _default_name(loss: Callable) -> str | None:
+    name = getattr(loss, "__name__", None)
+    return name if isinstance(name, str) and name.isidentifier() else None
+
+
+class Step:
+    """One kind of optimizer update: a loss, the optimizer(s) it updates, and how often.
+
+    Args:
+        loss: ``loss(batch)`` returning a scalar tensor (a mean over the batch), a
+            :class:`trainflow.Average`, or a dict of named such values that are summed.
+        optimizer: a ``torch.optim.Optimizer`` or a list of them, stepped together.
+        name: the step's name in logs, ``describe()`` and checkpoints (default: the loss
+            function's name, else ``step<i>``).
+        repeat: consecutive updates of this step in each cycle of the flow (GAN: ``repeat=3``).
+        batch: ``"next"`` takes a fresh batch for each update; ``"same"`` reuses the batch the
+            previous update used.
+        data: the name of the data stream this step draws from.
+        accumulate: batches per update; gradients are accumulated exactly.
+        microbatch_size: split each batch into chunks of at most this many samples.
+        clip_grad_norm: clip the gradient norm of the step's parameters once per update.
+        scheduler: a ``torch.optim.lr_scheduler`` (or a list), stepped once per update.
+
+    Only the parameters owned by the step's optimizers get gradients during the step; every
+    other parameter's ``.grad`` is left exactly as it was.
+
+    Example:
+        >>> import torch
+        >>> from trainflow import Step
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> def mse(batch):
+        ...     x, y = batch
+        ...     return torch.nn.functional.mse_loss(model(x), y)
+        >>> step = Step(mse, opt, repeat=2)
+        >>> step.name, step.repeat, step.batch
+        ('mse', 2, 'next')
+    """
+
+    __slots__ = (
+        "loss",
+        "optimizers",
+        "name",
+        "repeat",
+        "batch",
+        "data",
+        "accumulate",
+        "microbatch_size",
+        "clip_grad_norm",
+        "schedulers",
+    )
+
+    def __init__(
+        self,
+        loss: Callable[[Any], Any],
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        *,
+        name: str | None = None,
+        repeat: int = 1,
+        batch: str = "next",
+        data: str = "train",
+        accumulate: int = 1,
+        microbatch_size: int | None = None,
+        clip_grad_norm: float | None = None,
+        scheduler: Any = None,
+    ) -> None:
+        if not callable(loss):
+            raise TypeError(
+                f"Step: `loss` must be a function of the batch. Received: loss={loss!r} "
+                f"of type {type(loss).__name__}. Pass e.g. `lambda batch: F.mse_loss(model(batch[0]), batch[1])`."
+            )
+        if name is not None and (not isinstance(name, str) or not name or "/" in name):
+            raise ValueError(
+                f"Step: `name` must be a non-empty string without '/'. Received: name={name!r}. "
+                "Use a short word such as 'D' or 'generator'."
+            )
+        if batch not in BATCH_MODES:
+            raise ValueError(
+                f"Step: `batch` must be one of {BATCH_MODES}. Received: batch={batch!r}. "
+                "Use 'next' for a fresh batch per update or 'same' to reuse the previous update's batch."
+            )
+        if not isinstance(data, str) or not data:
+            raise TypeError(
+                f"Step: `data` must be the name of a data stream. Received: data={data!r}. "
+                "Use 'train' (the default) or the key of a stream passed to fit(data={...})."
+            )
+        if clip_grad_norm is not None and (
+            isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float)) or clip_grad_norm <= 0
+        ):
+            raise ValueError(
+                f"Step: `clip_grad_norm` must be a positive number or None. Received: clip_grad_norm={clip_grad_norm!r}. "
+                "Use e.g. clip_grad_norm=1.0."
+            )
+        self.loss = loss
+        self.optimizers = _optimizers(optimizer)
+        self.name = name if name is not None else _default_name(loss)
+        self.repeat = _positive_int(repeat, "repeat", "Use repeat=1 for one update per cycle.")
+        self.batch = batch
+        self.data = data
+        self.accumulate = _positive_int(accumulate, "accumulate", "Use accumulate=1 for no accumulation.")
+        self.microbatch_size = (
+            None
+            if microbatch_size is None
+            else _positive_int(microbatch_size, "microbatch_size", "Use None to keep batches whole.")
+        )
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        self.schedulers = _schedulers(scheduler)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(type(o).__name__ for o in self.optimizers)
+        extras = [f"repeat={self.repeat}"] if self.repeat != 1 else []
+        extras += [f"batch={self.batch!r}"] if self.batch != "next" else []
+        extras += [f"data={self.data!r}"] if self.data != "train" else []
+        extras += [f"accumulate={self.accumulate}"] if self.accumulate != 1 else []
+        extras += [f"microbatch_size={self.microbatch_size}"] if self.microbatch_size else []
+        return f"Step({self.name!r}, [{opts}]" + "".join(", " + e for e in extras) + ")"
