@@ -1,0 +1,226 @@
+"""Every error for bad input: raised when the object is built, naming the argument and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import mlp, regression_loader
+from torch import nn
+
+from trainflow import Average, Step, Trainer
+
+
+@pytest.fixture
+def model():
+    return mlp()
+
+
+@pytest.fixture
+def opt(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def mse(model):
+    return lambda b: F.mse_loss(model(b[0]), b[1])
+
+
+# ---------------------------------------------------------------- Step
+
+
+def test_repeat_zero(opt):
+    with pytest.raises(ValueError, match=r"`repeat` must be >= 1\. Received: repeat=0\. Use repeat=1"):
+        Step(lambda b: b, opt, repeat=0)
+
+
+def test_repeat_not_int(opt):
+    with pytest.raises(TypeError, match=r"`repeat` must be an int\. Received: repeat=1\.5"):
+        Step(lambda b: b, opt, repeat=1.5)
+
+
+def test_unknown_batch_mode(opt):
+    with pytest.raises(ValueError, match=r"`batch` must be one of \('next', 'same'\)\. Received: batch='fresh'"):
+        Step(lambda b: b, opt, batch="fresh")
+
+
+def test_same_optimizer_twice(opt):
+    with pytest.raises(ValueError, match=r"same optimizer is passed twice \(optimizer\[1\], a SGD\).*Pass each optimizer once"):
+        Step(lambda b: b, [opt, opt])
+
+
+def test_optimizer_not_an_optimizer(model):
+    with pytest.raises(TypeError, match=r"Received: optimizer\[0\] of type Linear\. Build one first"):
+        Step(lambda b: b, nn.Linear(2, 2))
+
+
+def test_empty_optimizer_list():
+    with pytest.raises(ValueError, match=r"Received: optimizer=\[\]"):
+        Step(lambda b: b, [])
+
+
+def test_loss_not_callable(opt):
+    with pytest.raises(TypeError, match=r"`loss` must be a function of the batch\. Received: loss=3"):
+        Step(3, opt)
+
+
+def test_accumulate_and_microbatch_zero(opt):
+    with pytest.raises(ValueError, match=r"Received: accumulate=0"):
+        Step(lambda b: b, opt, accumulate=0)
+    with pytest.raises(ValueError, match=r"Received: microbatch_size=0\. Use None to keep batches whole"):
+        Step(lambda b: b, opt, microbatch_size=0)
+
+
+def test_bad_name_and_clip(opt):
+    with pytest.raises(ValueError, match=r"`name` must be a non-empty string without '/'\. Received: name='a/b'"):
+        Step(lambda b: b, opt, name="a/b")
+    with pytest.raises(ValueError, match=r"Received: clip_grad_norm=-1"):
+        Step(lambda b: b, opt, clip_grad_norm=-1)
+
+
+def test_scheduler_without_step(opt):
+    with pytest.raises(TypeError, match=r"Received: scheduler\[0\] of type int"):
+        Step(lambda b: b, opt, scheduler=5)
+
+
+# ---------------------------------------------------------------- Trainer
+
+
+def test_optimizer_owning_no_model_parameter(model):
+    stranger = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"step 'fit': optimizer\[0\] \(SGD\) owns no parameter of the given models.*Pass the model it optimizes"):
+        Trainer(model, [Step(lambda b: b, stranger, name="fit")])
+
+
+def test_batch_same_on_first_step(model, opt):
+    with pytest.raises(ValueError, match=r"first step 'G' has batch='same'.*Use batch='next' on the first step"):
+        Trainer(model, [Step(lambda b: b, opt, name="G", batch="same")])
+
+
+def test_batch_same_from_another_stream(model, opt):
+    steps = [Step(lambda b: b, opt, name="a"), Step(lambda b: b, opt, name="b", batch="same", data="valid")]
+    with pytest.raises(ValueError, match=r"step 'b' has batch='same' and data='valid'.*give both the same `data`"):
+        Trainer(model, steps)
+
+
+def test_duplicate_step_names(model, opt):
+    with pytest.raises(ValueError, match=r"steps 0 and 1 are both named 'x'"):
+        Trainer(model, [Step(lambda b: b, opt, name="x"), Step(lambda b: b, opt, name="x")])
+
+
+def test_models_wrong_type(opt):
+    with pytest.raises(TypeError, match=r"`models` must be an nn.Module or a non-empty dict.*Received: models of type list"):
+        Trainer([nn.Linear(2, 2)], [Step(lambda b: b, opt)])
+
+
+def test_steps_wrong_type(model):
+    with pytest.raises(TypeError, match=r"`steps\[0\]` must be a trainflow.Step\. Received: function"):
+        Trainer(model, [lambda b: b])
+
+
+def test_bad_device_precision_metrics(model, opt):
+    with pytest.raises(ValueError, match=r"Received: device='gpu0'"):
+        Trainer(model, [Step(lambda b: b, opt)], device="gpu0")
+    with pytest.raises(ValueError, match=r"`precision` must be one of .*Received: precision='fp8'"):
+        Trainer(model, [Step(lambda b: b, opt)], precision="fp8")
+    with pytest.raises(ValueError, match=r"precision='16-mixed' needs a CUDA device.*Use precision='bf16-mixed' on CPU"):
+        Trainer(model, [Step(lambda b: b, opt)], precision="16-mixed", device="cpu")
+    with pytest.raises(ValueError, match=r"must start with 'train/' or 'val/'\. Received: 'acc'\. Use e\.g\. 'train/acc'"):
+        Trainer(model, [Step(lambda b: b, opt)], metrics={"acc": object()})
+    with pytest.raises(TypeError, match=r"metric 'val/acc' must have update/compute/reset.*lacks update, compute, reset"):
+        Trainer(model, [Step(lambda b: b, opt)], metrics={"val/acc": object()})
+
+
+def test_callback_typo_and_signature(model, opt):
+    class Typo:
+        def on_epoch_ends(self, trainer, logs):
+            pass
+
+    class WrongArgs:
+        def on_update_end(self, trainer):
+            pass
+
+    with pytest.raises(ValueError, match=r"method 'on_epoch_ends', which is not an event"):
+        Trainer(model, [Step(lambda b: b, opt)], callbacks=[Typo()])
+    with pytest.raises(TypeError, match=r"WrongArgs.on_update_end must accept 3 positional.*def on_update_end\(self, trainer, step, losses\)"):
+        Trainer(model, [Step(lambda b: b, opt)], callbacks=[WrongArgs()])
+    with pytest.raises(TypeError, match=r"Wrap a single callback in a list"):
+        Trainer(model, [Step(lambda b: b, opt)], callbacks=Typo())
+
+
+# ---------------------------------------------------------------- fit
+
+
+def test_fit_without_limits(model, opt):
+    trainer = Trainer(model, [Step(mse(model), opt)], device="cpu")
+    with pytest.raises(ValueError, match=r"give `epochs` or `max_updates`.*Received: epochs=None, max_updates=None"):
+        trainer.fit(regression_loader())
+
+
+def test_fit_unknown_stream(model, opt):
+    steps = [Step(mse(model), opt, name="w"), Step(mse(model), opt, name="a", data="valdi")]
+    trainer = Trainer(model, steps, device="cpu")
+    with pytest.raises(ValueError, match=r"step 'a' draws from data stream 'valdi', which `data` does not have\. Received: streams \['train', 'valid'\]"):
+        trainer.fit({"train": regression_loader(), "valid": regression_loader()}, epochs=1)
+    assert trainer.updates == 0  # raised before any update
+
+
+def test_fit_iterator_and_missing_train_stream(model, opt):
+    trainer = Trainer(model, [Step(mse(model), opt)], device="cpu")
+    with pytest.raises(TypeError, match=r"is an iterator, which can be read only once"):
+        trainer.fit(iter(regression_loader()), epochs=1)
+    with pytest.raises(ValueError, match=r"must have a 'train' stream"):
+        trainer.fit({"main": regression_loader()}, epochs=1)
+
+
+def test_fit_val_data_without_val_step(model, opt):
+    trainer = Trainer(model, [Step(mse(model), opt)], device="cpu")
+    with pytest.raises(ValueError, match=r"`val_data` and `val_step` go together"):
+        trainer.fit(regression_loader(), epochs=1, val_data=regression_loader())
+
+
+# ---------------------------------------------------------------- loss values (known only when the loss runs)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "pattern"),
+    [
+        (torch.ones(3), ValueError, r"Step 'fit': loss 'loss' must be a scalar \(0-dim\) tensor.*shape \(3,\).*loss.mean\(\)"),
+        ("0.5", TypeError, r"Step 'fit': loss 'loss' must be a scalar tensor.*Received: loss='0.5' of type str"),
+        ({"mse": 1.0}, TypeError, r"Step 'fit': loss 'mse' must be a scalar tensor.*Received: mse=1.0 of type float"),
+        ({}, ValueError, r"Step 'fit': the loss function returned an empty dict"),
+        (Average(torch.ones(2), 2), ValueError, r"loss 'loss.total' must be a scalar"),
+    ],
+)
+def test_bad_loss_values(model, opt, value, error, pattern):
+    trainer = Trainer(model, [Step(lambda b: value, opt, name="fit")], device="cpu")
+    with pytest.raises(error, match=pattern):
+        trainer.fit(regression_loader(), epochs=1)
+
+
+def test_nonfinite_loss_raises_with_step_and_update(model, opt):
+    calls = []
+
+    def loss(batch):
+        calls.append(1)
+        value = F.mse_loss(model(batch[0]), batch[1])
+        return value * float("nan") if len(calls) == 3 else value
+
+    trainer = Trainer(model, [Step(loss, opt, name="fit")], device="cpu")
+    with pytest.raises(FloatingPointError, match=r"Step 'fit': loss 'loss' is nan at update 3"):
+        trainer.fit(regression_loader(), epochs=1)
+
+
+def test_all_parameters_frozen(model, opt):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainer = Trainer(model, [Step(mse(model), opt, name="fit")], device="cpu")
+    with pytest.raises(ValueError, match=r"Step 'fit': every parameter of its optimizers is frozen"):
+        trainer.fit(regression_loader(), epochs=1)
+
+
+def test_microbatch_without_tensors(model, opt):
+    data = [[{"text": "a"}, {"text": "b"}]]
+    trainer = Trainer(model, [Step(lambda b: torch.zeros((), requires_grad=True), opt, name="fit", microbatch_size=1)],
+                      device="cpu")
+    with pytest.raises(ValueError, match=r"Step 'fit': cannot infer how many samples the batch holds.*trainflow.Average"):
+        trainer.fit(data, epochs=1)
