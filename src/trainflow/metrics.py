@@ -36,9 +36,9 @@ class Metrics:
 
     Example:
         >>> import torch, torchmetrics
-        >>> acc = torchmetrics.classification.MulticlassAccuracy(num_classes=3)
+        >>> acc = torchmetrics.classification.MulticlassAccuracy(num_classes=3, average="micro")
         >>> metrics = Metrics({"val/acc": acc})
-        >>> acc.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]))
+        >>> acc.update(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2]))
         >>> metrics.collect("val")
         {'val/acc': 0.75}
     """

@@ -396,8 +396,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything the run's numbers depend on, as a dict of named stateful parts.
 
-        Holds the models, optimizers, schedulers, loss scaler, the flow's position in its cycle
-        and the counters.
+        Holds the models, optimizers, schedulers, loss scaler, the flow's position in its cycle,
+        the counters, and how far each data stream is into its current pass.
         """
         return {
             "models": {name: m.state_dict() for name, m in self.models.items()},
@@ -405,7 +405,12 @@ class Trainer:
             "schedulers": {name: s.state_dict() for name, s in self._schedulers().items()},
             "precision": self.precision.state_dict(),
             "flow": self.flow.state_dict(),
-            "loop": {"epoch": self.epoch, "updates": self.updates},
+            "loop": {
+                "epoch": self.epoch,
+                "updates": self.updates,
+                "in_epoch": self._in_epoch,
+                "streams": {name: stream.state_dict() for name, stream in self._streams.items()},
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
