@@ -110,7 +110,8 @@ class Trainer:
         out_dir: where callbacks write artifacts (logs, plots, checkpoints).
 
     Counters: ``trainer.epoch`` (completed epochs) and ``trainer.updates`` (optimizer updates
-    of all steps). ``trainer.stop()`` ends ``fit`` after the current update.
+    of all steps); ``trainer.max_epochs`` / ``trainer.max_updates`` are the current ``fit``'s
+    limits. ``trainer.stop()`` ends ``fit`` after the current update.
 
     Example:
         >>> import torch
@@ -166,6 +167,8 @@ class Trainer:
         self.metrics.to(self.device)
         self.epoch = 0
         self.updates = 0
+        self.max_epochs: int | None = None  # the limits of the current (or last) fit
+        self.max_updates: int | None = None
         self.should_stop = False
         self.losses: dict[str, torch.Tensor] = {}  # the last update's losses
         self._streams: dict[str, Stream] = {}
@@ -208,6 +211,7 @@ class Trainer:
         else:
             self._in_epoch = False
         self._streams = streams
+        self.max_epochs, self.max_updates = epochs, max_updates
         self.should_stop = False
         modes = _modes(self.models)
         try:

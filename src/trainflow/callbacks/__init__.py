@@ -1,0 +1,20 @@
+"""Built-in callbacks: plain objects on the trainer's events (see :mod:`trainflow.events`).
+
+- :class:`LossLogger`: the latest losses every N updates, to ``print`` or your function.
+- :class:`ProgressBar`: a rich bar per epoch in a terminal, one line per epoch elsewhere.
+- :class:`CSVLogger`, :class:`JSONLLogger`, :class:`TensorBoardLogger`: epoch values (and
+  losses every N updates) to ``<out_dir>/metrics.csv``, ``metrics.jsonl``, ``tensorboard/``.
+- :class:`EarlyStopping`: stop when a monitored epoch value stops improving.
+
+Loss values arrive as device tensors; every callback reads them only when it writes them, so
+a CUDA run does not wait on the device at each update.
+"""
+
+from trainflow.callbacks.csv_logger import CSVLogger
+from trainflow.callbacks.early_stopping import EarlyStopping
+from trainflow.callbacks.jsonl_logger import JSONLLogger
+from trainflow.callbacks.loss_logger import LossLogger
+from trainflow.callbacks.progress_bar import ProgressBar
+from trainflow.callbacks.tensorboard_logger import TensorBoardLogger
+
+__all__ = ["CSVLogger", "EarlyStopping", "JSONLLogger", "LossLogger", "ProgressBar", "TensorBoardLogger"]
