@@ -78,7 +78,7 @@ def test_bad_name_and_clip(opt):
 
 
 def test_scheduler_without_step(opt):
-    with pytest.raises(TypeError, match=r"Received: scheduler\[0\] of type int"):
+    with pytest.raises(TypeError, match=r"Received: scheduler\[0\] of type int\. Build one on this step's optimizer"):
         Step(lambda b: b, opt, scheduler=5)
 
 

@@ -6,8 +6,9 @@ parameter groups chosen by name, exact gradient accumulation, streaming metrics 
 
 from trainflow.losses import Average
 from trainflow.params import freeze, group, param_groups, unfreeze
+from trainflow.schedules import Schedule
 from trainflow.step import Step
 from trainflow.trainer import Trainer
 
-__all__ = ["Average", "Step", "Trainer", "freeze", "group", "param_groups", "unfreeze"]
+__all__ = ["Average", "Schedule", "Step", "Trainer", "freeze", "group", "param_groups", "unfreeze"]
 __version__ = "0.1.0"

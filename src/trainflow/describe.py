@@ -51,8 +51,7 @@ def describe(trainer: Trainer) -> str:
             schedule.append(f"microbatch={step.microbatch_size}")
         if step.clip_grad_norm is not None:
             schedule.append(f"clip={step.clip_grad_norm:g}")
-        for s in step.schedulers:
-            schedule.append(type(s).__name__)
+        schedule += [repr(s) for s in step.schedulers]
         first = True
         for opt in step.optimizers:
             for gi, group in enumerate(opt.param_groups):

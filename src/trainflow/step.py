@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from trainflow.schedules import Schedule
+
 __all__ = ["Step"]
 
 BATCH_MODES = ("next", "same")
@@ -45,18 +47,23 @@ def _optimizers(optimizer: Any) -> tuple[torch.optim.Optimizer, ...]:
     return optimizers
 
 
-def _schedulers(scheduler: Any) -> tuple[Any, ...]:
+def _schedulers(scheduler: Any) -> tuple[Schedule, ...]:
     if scheduler is None:
         return ()
     schedulers = tuple(scheduler) if isinstance(scheduler, (list, tuple)) else (scheduler,)
+    out = []
     for i, s in enumerate(schedulers):
-        if not callable(getattr(s, "step", None)):
+        if isinstance(s, Schedule):
+            out.append(s)
+        elif callable(getattr(s, "step", None)) or callable(s):
+            out.append(Schedule(s))  # a torch scheduler or a function of the update count
+        else:
             raise TypeError(
-                "Step: `scheduler` must be a torch.optim.lr_scheduler object (anything with a "
-                f"step() method) or a list of them. Received: scheduler[{i}] of type {type(s).__name__}. "
-                "Build one on this step's optimizer, e.g. torch.optim.lr_scheduler.StepLR(opt, 10)."
+                "Step: `scheduler` must be a torch.optim.lr_scheduler object, a function of the update "
+                f"count, or a trainflow.Schedule (or a list of them). Received: scheduler[{i}] of type "
+                f"{type(s).__name__}. Build one on this step's optimizer, e.g. torch.optim.lr_scheduler.StepLR(opt, 10)."
             )
-    return schedulers
+    return tuple(out)
 
 
 def _default_name(loss: Callable) -> str | None:
@@ -80,7 +87,9 @@ class Step:
         accumulate: batches per update; gradients are accumulated exactly.
         microbatch_size: split each batch into chunks of at most this many samples.
         clip_grad_norm: clip the gradient norm of the step's parameters once per update.
-        scheduler: a ``torch.optim.lr_scheduler`` (or a list), stepped once per update.
+        scheduler: a ``torch.optim.lr_scheduler``, a function of the update count giving the
+            learning rate, or a :class:`trainflow.Schedule` (any hyperparameter, per update or
+            per epoch, per group); or a list of them. Never stepped per micro-batch.
 
     Only the parameters owned by the step's optimizers get gradients during the step; every
     other parameter's ``.grad`` is left exactly as it was.
@@ -166,6 +175,8 @@ class Step:
         )
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.schedulers = _schedulers(scheduler)
+        for schedule in self.schedulers:
+            schedule.bind(self.optimizers, self.name or "step")
 
     def __repr__(self) -> str:
         opts = ", ".join(type(o).__name__ for o in self.optimizers)

@@ -58,7 +58,7 @@ def _device(device: Any) -> torch.device:
 class _Plan:
     """What the trainer precomputes for one step: the parameters it owns and its log keys."""
 
-    __slots__ = ("step", "params", "keys")
+    __slots__ = ("step", "params", "keys", "update_schedules", "epoch_schedules")
 
     def __init__(self, step: Step, owned: dict[int, str]) -> None:
         self.step = step
@@ -75,6 +75,8 @@ class _Plan:
                 params.setdefault(id(p), p)
         self.params: tuple[torch.Tensor, ...] = tuple(params.values())
         self.keys: dict[str, str] = {}
+        self.update_schedules = tuple(s for s in step.schedulers if s.interval == "update")
+        self.epoch_schedules = tuple(s for s in step.schedulers if s.interval == "epoch")
 
     def trainable(self) -> list[torch.Tensor]:
         params = [p for p in self.params if p.requires_grad]
@@ -283,8 +285,8 @@ class Trainer:
         for opt in step.optimizers:
             self.precision.step(opt)
         self.precision.update()
-        for scheduler in step.schedulers:
-            scheduler.step()
+        for schedule in plan.update_schedules:
+            schedule.step()
         return {plan.key(name): value for name, value in values.items()}
 
     def _forward(self, step: Step, batch: Any) -> list[Term]:
@@ -303,6 +305,9 @@ class Trainer:
         logs = {key: torch.stack(values).mean().item() for key, values in self._epoch_losses.items()}
         logs.update(self.metrics.collect("train"))
         self.epoch += 1
+        for plan in self._plans.values():
+            for schedule in plan.epoch_schedules:
+                schedule.step()
         if val_data is not None:
             val_logs = self.evaluate(val_data, val_step)
             self.events.fire("on_validation_end", self, val_logs)
