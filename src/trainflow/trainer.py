@@ -218,7 +218,7 @@ class Trainer:
         modes = _modes(self.models)
         try:
             for model in self.models.values():
-                model.train()
+                _train_mode(model)
             self.events.fire("on_fit_start", self)
             while not self._done(epochs, max_updates):
                 if not self._in_epoch:
@@ -460,6 +460,18 @@ def _add_val_losses(sums: dict[str, list], terms: list[Term], batch: Any) -> Non
             sums[term.name][1] = sums[term.name][1] + count
         else:
             sums[term.name] = [total.float(), count]
+
+
+#: a module carrying this attribute set to True stays in eval mode during fit (e.g. a frozen
+#: BatchNorm whose running statistics must not move: see ``trainflow.freeze``)
+KEEP_EVAL = "_trainflow_keep_eval"
+
+
+def _train_mode(model: nn.Module) -> None:
+    model.train()
+    for module in model.modules():
+        if getattr(module, KEEP_EVAL, False):
+            module.eval()
 
 
 def _modes(models: dict[str, nn.Module]) -> list[tuple[nn.Module, bool]]:
