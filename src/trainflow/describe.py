@@ -49,6 +49,8 @@ def describe(trainer: Trainer) -> str:
             schedule.append(f"accumulate={step.accumulate}")
         if step.microbatch_size is not None:
             schedule.append(f"microbatch={step.microbatch_size}")
+        if step.partial_window != "apply":
+            schedule.append(f"partial_window={step.partial_window}")
         if step.clip_grad_norm is not None:
             schedule.append(f"clip={step.clip_grad_norm:g}")
         schedule += [repr(s) for s in step.schedulers]

@@ -12,6 +12,7 @@ from trainflow.schedules import Schedule
 __all__ = ["Step"]
 
 BATCH_MODES = ("next", "same")
+PARTIAL_WINDOWS = ("apply", "drop")
 
 
 def _positive_int(value: Any, arg: str, fix: str) -> int:
@@ -86,6 +87,9 @@ class Step:
         data: the name of the data stream this step draws from.
         accumulate: batches per update; gradients are accumulated exactly.
         microbatch_size: split each batch into chunks of at most this many samples.
+        partial_window: when the "train" stream runs out inside an accumulation window,
+            ``"apply"`` makes the batches taken so far one exactly-weighted update; ``"drop"``
+            discards them.
         clip_grad_norm: clip the gradient norm of the step's parameters once per update.
         scheduler: a ``torch.optim.lr_scheduler``, a function of the update count giving the
             learning rate, or a :class:`trainflow.Schedule` (any hyperparameter, per update or
@@ -116,6 +120,7 @@ class Step:
         "data",
         "accumulate",
         "microbatch_size",
+        "partial_window",
         "clip_grad_norm",
         "schedulers",
     )
@@ -131,6 +136,7 @@ class Step:
         data: str = "train",
         accumulate: int = 1,
         microbatch_size: int | None = None,
+        partial_window: str = "apply",
         clip_grad_norm: float | None = None,
         scheduler: Any = None,
     ) -> None:
@@ -148,6 +154,11 @@ class Step:
             raise ValueError(
                 f"Step: `batch` must be one of {BATCH_MODES}. Received: batch={batch!r}. "
                 "Use 'next' for a fresh batch per update or 'same' to reuse the previous update's batch."
+            )
+        if partial_window not in PARTIAL_WINDOWS:
+            raise ValueError(
+                f"Step: `partial_window` must be one of {PARTIAL_WINDOWS}. Received: partial_window={partial_window!r}. "
+                "Use 'apply' to update on an incomplete last window, 'drop' to discard it."
             )
         if not isinstance(data, str) or not data:
             raise TypeError(
@@ -173,6 +184,7 @@ class Step:
             if microbatch_size is None
             else _positive_int(microbatch_size, "microbatch_size", "Use None to keep batches whole.")
         )
+        self.partial_window = partial_window
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.schedulers = _schedulers(scheduler)
         for schedule in self.schedulers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ __all__ = ["Trainer"]
 
 #: on devices where reading a value stalls the host, losses are checked for NaN this often
 _FINITE_CHECK_EVERY = 50
+
+#: a module carrying this attribute set to True stays in eval mode during fit (e.g. a frozen
+#: BatchNorm whose running statistics must not move: see ``trainflow.freeze``)
+KEEP_EVAL = "_trainflow_keep_eval"
 
 
 def _models(models: Any) -> dict[str, nn.Module]:
@@ -214,6 +219,7 @@ class Trainer:
             self._in_epoch = False
         self._streams = streams
         self.max_epochs, self.max_updates = epochs, max_updates
+        self._warn_batchnorm()
         self.should_stop = False
         modes = _modes(self.models)
         try:
@@ -232,6 +238,27 @@ class Trainer:
             raise
         finally:
             _restore(modes)
+
+    def _warn_batchnorm(self) -> None:
+        """Accumulation is not exact with batch norm in train mode: each chunk has its own statistics."""
+        for step, plan in self._plans.items():
+            if step.accumulate == 1 and step.microbatch_size is None:
+                continue
+            owned = {id(p) for p in plan.params}
+            for name, model in self.models.items():
+                if not any(id(p) in owned for p in model.parameters()):
+                    continue
+                norms = [n for n, m in model.named_modules()
+                         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not getattr(m, KEEP_EVAL, False)]
+                if norms:
+                    warnings.warn(
+                        f"Step {step.name!r} accumulates gradients over several chunks, but model {name!r} has "
+                        f"batch-norm layers in train mode ({', '.join(norms[:3])}{', ...' if len(norms) > 3 else ''}): "
+                        "each chunk is normalised with its own statistics, so the update is not the big-batch "
+                        "update. Use GroupNorm/LayerNorm, or freeze(..., batchnorm='eval') to fix their statistics.",
+                        UserWarning,
+                        stacklevel=3,
+                    )
 
     def _start_epoch(self) -> None:
         self._streams["train"].restart()
@@ -263,7 +290,7 @@ class Trainer:
             batches = self._last_batches
         else:
             batches = self._streams[step.data].take(step.accumulate)
-            if not batches:
+            if not batches or (len(batches) < step.accumulate and step.partial_window == "drop"):
                 return None
             self._last_batches = batches
         params = plan.trainable()
@@ -460,11 +487,6 @@ def _add_val_losses(sums: dict[str, list], terms: list[Term], batch: Any) -> Non
             sums[term.name][1] = sums[term.name][1] + count
         else:
             sums[term.name] = [total.float(), count]
-
-
-#: a module carrying this attribute set to True stays in eval mode during fit (e.g. a frozen
-#: BatchNorm whose running statistics must not move: see ``trainflow.freeze``)
-KEEP_EVAL = "_trainflow_keep_eval"
 
 
 def _train_mode(model: nn.Module) -> None:
