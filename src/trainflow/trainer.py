@@ -118,7 +118,8 @@ class Trainer:
 
     Counters: ``trainer.epoch`` (completed epochs) and ``trainer.updates`` (optimizer updates
     of all steps); ``trainer.max_epochs`` / ``trainer.max_updates`` are the current ``fit``'s
-    limits. ``trainer.stop()`` ends ``fit`` after the current update.
+    limits. ``trainer.losses`` holds the last update's losses (tensors), ``trainer.logs`` the
+    last epoch's values. ``trainer.stop()`` ends ``fit`` after the current update.
 
     Example:
         >>> import torch
@@ -178,6 +179,7 @@ class Trainer:
         self.max_updates: int | None = None
         self.should_stop = False
         self.losses: dict[str, torch.Tensor] = {}  # the last update's losses
+        self.logs: dict[str, float] = {}  # the last epoch's values (loss means, metrics)
         self._streams: dict[str, Stream] = {}
         self._in_epoch = False
         self._last_batches: list[Any] = []
@@ -329,7 +331,9 @@ class Trainer:
 
     def _end_epoch(self, val_data: Iterable | None, val_step: Callable | None) -> None:
         self._in_epoch = False
-        logs = {key: torch.stack(values).mean().item() for key, values in self._epoch_losses.items()}
+        order = {step.name: i for i, step in enumerate(self.flow.steps)}  # stable: flow order, not arrival
+        means = sorted(self._epoch_losses.items(), key=lambda kv: order[kv[0].split("/", 1)[0]])
+        logs = {key: torch.stack(values).mean().item() for key, values in means}
         logs.update(self.metrics.collect("train"))
         self.epoch += 1
         for plan in self._plans.values():
@@ -339,6 +343,7 @@ class Trainer:
             val_logs = self.evaluate(val_data, val_step)
             self.events.fire("on_validation_end", self, val_logs)
             logs.update(val_logs)
+        self.logs = logs
         self.events.fire("on_epoch_end", self, logs)
 
     def _done(self, epochs: int | None, max_updates: int | None) -> bool:

@@ -1,0 +1,95 @@
+"""The ``trainflow`` command: run a built-in example and say where its artifacts are.
+
+``trainflow run mlp`` trains seed 004's MLP on the 8x8 digits and writes ``runs/mlp/``;
+``trainflow run --list`` lists the examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+#: what the examples write, in the order they are listed after a run
+ARTIFACTS = ("metrics.csv", "curves.png", "weights.pt", "samples.png")
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` that accepts whole numbers >= ``minimum``."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number. Received: {text!r}. Use e.g. 5.") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}. Received: {value}. Use e.g. 5.")
+        return value
+
+    return convert
+
+
+def _parsers(names: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``trainflow`` parser and its ``run`` sub-parser."""
+    parser = argparse.ArgumentParser(prog="trainflow", description="Complex PyTorch training flows.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "run",
+        help="run a built-in example",
+        description="Run a built-in example; it writes metrics.csv, curves.png and weights.pt.",
+    )
+    run.add_argument("example", nargs="?", choices=names, help=f"one of: {', '.join(names)}")
+    run.add_argument("--list", action="store_true", help="list the examples and exit")
+    run.add_argument("--epochs", type=_int_at_least(1), default=None, help="epochs (default: the example's)")
+    run.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<example>)")
+    run.add_argument("--seed", type=_int_at_least(0), default=0, help="global torch seed (default: 0)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
+    return parser, run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``trainflow`` command line; return the exit code.
+
+    Usage: ``trainflow run <example> [--epochs N] [--out DIR] [--seed S] [--no-progress]``
+    and ``trainflow run --list``. An unknown example exits with code 2 and the valid names.
+
+    Example:
+        >>> from trainflow.cli import main
+        >>> main(["run", "--list"])  # doctest: +ELLIPSIS
+        Examples (trainflow run <name>):
+          mlp  ...
+        0
+    """
+    from trainflow.examples import EXAMPLES
+
+    names = list(EXAMPLES)
+    parser, run_parser = _parsers(names)
+    args = parser.parse_args(argv)
+    if args.list:
+        width = max(map(len, names))
+        print("Examples (trainflow run <name>):")
+        for name, (description, _) in EXAMPLES.items():
+            print(f"  {name:<{width}}  {description}")
+        return 0
+    if args.example is None:
+        run_parser.error(f"name an example to run (one of: {', '.join(names)}), or pass --list.")
+    out_dir = args.out if args.out is not None else Path("runs") / args.example
+    _, run = EXAMPLES[args.example]
+    start = time.perf_counter()
+    logs = run(out_dir, epochs=args.epochs, progress=not args.no_progress, seed=args.seed)
+    print(f"\n{args.example!r} finished in {time.perf_counter() - start:.1f} s. Artifacts:")
+    for name in ARTIFACTS:
+        if (out_dir / name).is_file():
+            print(f"  {out_dir / name}")
+    print("Final epoch:")
+    for key, value in logs.items():
+        print(f"  {key:<12} {value:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
