@@ -6,6 +6,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+# The models here are tiny: on a small shared machine, intra-op threads only contend. Every
+# comparison runs both sides in this process, so the thread count never changes a verdict.
+torch.set_num_threads(1)
+
 
 def mlp(n_in: int = 4, n_out: int = 1, hidden: int = 8, dropout: float = 0.0) -> nn.Module:
     layers: list[nn.Module] = [nn.Linear(n_in, hidden), nn.ReLU()]

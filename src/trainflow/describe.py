@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from trainflow.params import KEEP_EVAL, _named_modules
 
 if TYPE_CHECKING:
     from trainflow.trainer import Trainer
@@ -14,6 +17,8 @@ if TYPE_CHECKING:
 __all__ = ["describe"]
 
 _HIDDEN = {"params", "name", "initial_lr"}  # group keys that are not hyperparameters
+#: implementation switches: they change speed, never the numbers, so they are shown only when set
+_SWITCHES = {"foreach", "fused", "differentiable", "capturable"}
 
 
 def _fmt(value: Any) -> str:
@@ -25,8 +30,11 @@ def _fmt(value: Any) -> str:
 
 
 def _hparams(group: dict[str, Any]) -> str:
+    """Every hyperparameter of the group (``nesterov=False`` too), implementation switches when set."""
     return ", ".join(
-        f"{k}={_fmt(v)}" for k, v in group.items() if k not in _HIDDEN and v is not None and v is not False
+        f"{k}={_fmt(v)}"
+        for k, v in group.items()
+        if k not in _HIDDEN and v is not None and not (k in _SWITCHES and v is False)
     )
 
 
@@ -37,7 +45,11 @@ def _count(n: int) -> str:
 def describe(trainer: Trainer) -> str:
     """Render ``trainer``'s plan: one row per parameter group of every step's optimizers.
 
-    Below the table: frozen parameters, and a warning for trainable parameters no step updates.
+    Each row shows the group's name (its ``param_groups`` pattern, or the ``"name"`` given;
+    ``#i`` for an unnamed group), the number of trainable parameter elements, how many of its
+    tensors are frozen, and every hyperparameter. Below the table: the cycle, the totals, the
+    frozen parameters, the modules kept in eval mode during fit (``freeze(...,
+    batchnorm="eval")``), and a warning for trainable parameters that no step updates.
     """
     table = Table(title="trainflow plan", title_justify="left", show_lines=False)
     for col in ("step", "schedule", "optimizer", "group", "params", "hyperparameters"):
@@ -64,7 +76,7 @@ def describe(trainer: Trainer) -> str:
                 count = _count(sum(p.numel() for p in trainable))
                 if frozen:
                     count += f" ({frozen} frozen tensors)"
-                table.add_row(
+                cells = (
                     step.name if first else "",
                     " ".join(schedule) if first else "",
                     type(opt).__name__,
@@ -72,19 +84,27 @@ def describe(trainer: Trainer) -> str:
                     count,
                     _hparams(group),
                 )
+                table.add_row(*(Text(cell) for cell in cells))  # Text: brackets are not markup
                 first = False
         table.add_section()
     console = Console(file=io.StringIO(), width=120, color_system=None, force_terminal=False)
     console.print(table)
-    cycle = " ".join(s.name for s in trainer.flow.cycle)
-    console.print(f"cycle: {cycle}")
-    frozen = [n for n, p in trainer.named_parameters() if not p.requires_grad]
-    total = sum(p.numel() for _, p in trainer.named_parameters())
-    trainable = sum(p.numel() for _, p in trainer.named_parameters() if p.requires_grad)
-    console.print(f"parameters: {_count(total)} total, {_count(trainable)} trainable")
+    # The lines below the table are plain text: never wrapped (one line per fact, easy to grep)
+    # and never read as rich markup (names may contain brackets).
+    lines = [f"cycle: {' '.join(s.name for s in trainer.flow.cycle)}"]
+    named = trainer.named_parameters()
+    total = sum(p.numel() for _, p in named)
+    trainable = sum(p.numel() for _, p in named if p.requires_grad)
+    lines.append(f"parameters: {_count(total)} total, {_count(trainable)} trainable")
+    frozen = [n for n, p in named if not p.requires_grad]
     if frozen:
-        console.print(f"frozen: {', '.join(frozen)}")
-    idle = [n for n, p in trainer.named_parameters() if p.requires_grad and id(p) not in updated]
+        lines.append(f"frozen: {', '.join(frozen)}")
+    models = trainer.model_tree
+    kept = [n for n, m in _named_modules(models) if getattr(m, KEEP_EVAL, False)]
+    if kept:
+        lines.append(f"eval mode during fit (running statistics fixed): {', '.join(kept)}")
+    idle = [n for n, p in named if p.requires_grad and id(p) not in updated]
     if idle:
-        console.print(f"WARNING: trainable parameters that no step updates: {', '.join(idle)}")
-    return console.file.getvalue().rstrip() + "\n"
+        lines.append(f"WARNING: trainable parameters that no step updates: {', '.join(idle)}")
+    rendered = [line.rstrip() for line in console.file.getvalue().rstrip().splitlines()]
+    return "\n".join(rendered + lines) + "\n"

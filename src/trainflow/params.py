@@ -21,7 +21,12 @@ Decisions, in brief:
   groups, and need no rule. A rule whose parameters are all frozen is valid but
   yields no group: torch would accept an empty group, but it would only carry
   hyperparameters for nothing, so it is dropped (``group(opt, name)`` then
-  reports the name as unknown). Rebuild the optimizer after unfreezing.
+  reports the name as unknown). To unfreeze parameters during a run, build the
+  optimizer *before* freezing them: an optimizer may hold frozen parameters (they
+  get no gradient, so torch skips them) and updates them once they are unfrozen.
+* ``freeze(..., batchnorm="eval")`` also keeps the batch-norm layers it freezes in
+  eval mode during ``Trainer.fit`` (running statistics fixed, like Keras's
+  ``trainable=False``); the default ``"train"`` is PyTorch's behaviour.
 * A rule that matches no parameter, a rule whose every parameter was already
   taken by an earlier rule, and a trainable parameter that no rule matches are
   all errors: each is almost always a typo or a mis-ordered rule.
@@ -37,7 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-# named_parameters is a shared helper for other modules, deliberately not exported.
+# named_parameters, match, toggle, check_patterns and check_batchnorm are shared helpers for
+# other modules (the trainer, callbacks.freezing), deliberately not exported.
 __all__ = ["param_groups", "group", "freeze", "unfreeze"]
 
 _SHOW = 10  # how many names an error message lists before "and N more"
@@ -303,47 +309,177 @@ def group(optimizer: torch.optim.Optimizer, name: str) -> dict[str, Any]:
     )
 
 
-def _set_requires_grad(
-    model: nn.Module | Mapping[str, nn.Module], patterns: Any, flag: bool
-) -> list[str]:
-    named = named_parameters(model, argument="model")
+# --- freezing -------------------------------------------------------------------
+
+#: A module with this attribute set to True stays in eval mode during ``Trainer.fit``.
+#: ``freeze(..., batchnorm="eval")`` sets it; it is the trainer's ``KEEP_EVAL`` (a test pins it).
+KEEP_EVAL = "_trainflow_keep_eval"
+
+#: the choices of ``freeze(..., batchnorm=...)``
+BATCHNORM = ("train", "eval")
+
+
+def _prefix(owner: str) -> str:
+    return f"{owner}: " if owner else ""
+
+
+def check_batchnorm(batchnorm: Any, *, owner: str = "freeze") -> str:
+    """``batchnorm`` if it is ``"train"`` or ``"eval"``; TypeError/ValueError naming it otherwise."""
+    if isinstance(batchnorm, str) and batchnorm in BATCHNORM:
+        return batchnorm
+    error = ValueError if isinstance(batchnorm, str) else TypeError
+    raise error(
+        f"{_prefix(owner)}`batchnorm` must be 'train' (a frozen batch-norm layer still "
+        f"updates its running statistics in train mode, as in PyTorch) or 'eval' (it "
+        f"stays in eval mode during fit, so its statistics stay fixed, like Keras's "
+        f"trainable=False). Received: batchnorm={_short(batchnorm)}. Pass "
+        f"batchnorm='eval' to fix the statistics of the batch-norm layers you freeze."
+    )
+
+
+def check_patterns(patterns: Any, *, owner: str = "") -> list[str]:
+    """``patterns`` (a str or a non-empty list of str) as a list; TypeError otherwise."""
     if isinstance(patterns, str):
-        pattern_list = [patterns]
-    elif isinstance(patterns, (list, tuple)) and patterns and all(
-        isinstance(p, str) for p in patterns
-    ):
-        pattern_list = list(patterns)
-    else:
-        raise TypeError(
-            f"`patterns` must be a str (with '|' between alternatives) or a "
-            f"non-empty list of str, but got {type(patterns).__name__}. Write e.g. "
-            f"'conv*|fc1*' or ['conv*', 'fc1*']. Received: patterns={_short(patterns)}"
-        )
+        return [patterns]
+    if isinstance(patterns, (list, tuple)) and patterns and all(isinstance(p, str) for p in patterns):
+        return list(patterns)
+    raise TypeError(
+        f"{_prefix(owner)}`patterns` must be a str (with '|' between alternatives) or a "
+        f"non-empty list of str, but got {type(patterns).__name__}. Write e.g. "
+        f"'conv*|fc1*' or ['conv*', 'fc1*']. Received: patterns={_short(patterns)}"
+    )
+
+
+def match(
+    model: nn.Module | Mapping[str, nn.Module], patterns: Any, *, owner: str = ""
+) -> list[tuple[str, nn.Parameter]]:
+    """The ``(name, parameter)`` pairs of ``model`` matching ``patterns``, in order.
+
+    Raises TypeError for a bad ``model`` or ``patterns`` and ValueError for a pattern
+    that matches no parameter; ``owner`` prefixes the messages (e.g. ``"Unfreeze"``).
+
+    >>> from torch import nn
+    >>> net = nn.ModuleDict({"conv": nn.Conv2d(1, 4, 3), "fc": nn.Linear(4, 2)})
+    >>> [name for name, _ in match(net, "fc*")]
+    ['fc.weight', 'fc.bias']
+    """
+    named = named_parameters(model, argument="model")
+    pattern_list = check_patterns(patterns, owner=owner)
     names = [n for n, _ in named]
     for pattern in pattern_list:
         if not any(_matches(pattern, n) for n in names):
             raise ValueError(
-                f"Pattern {pattern!r} in `patterns` matches no parameter of "
+                f"{_prefix(owner)}Pattern {pattern!r} in `patterns` matches no parameter of "
                 f"`model`. {_no_match_hint(pattern, names)} "
                 f"Received: patterns={_short(patterns)}"
             )
-    matched = []
-    for name, param in named:
-        if any(_matches(p, name) for p in pattern_list):
-            param.requires_grad_(flag)
-            matched.append(name)
-    return matched
+    return [(n, p) for n, p in named if any(_matches(pat, n) for pat in pattern_list)]
+
+
+def _named_modules(models: nn.Module | Mapping[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    """``named_modules()`` with the prefixes of :func:`named_parameters`; shared modules once."""
+    if isinstance(models, nn.Module):
+        return list(models.named_modules())
+    seen: set[int] = set()
+    named = []
+    for key, module in models.items():
+        for name, sub in module.named_modules():
+            if id(sub) not in seen:
+                seen.add(id(sub))
+                named.append((f"{key}.{name}" if name else key, sub))
+    return named
+
+
+def toggle(
+    model: nn.Module | Mapping[str, nn.Module],
+    patterns: Any,
+    *,
+    trainable: bool,
+    batchnorm: str = "train",
+    owner: str = "",
+    apply: bool = True,
+) -> tuple[list[str], list[nn.Module]]:
+    """What :func:`freeze` (``trainable=False``) and :func:`unfreeze` do, for callbacks too.
+
+    Returns the matched parameter names and the batch-norm modules whose keep-eval flag
+    this call set or cleared, so that a caller inside ``fit`` can switch their mode now
+    (the trainer reads the flag when ``fit`` starts). Checks everything before changing
+    anything: on error, no parameter or module is touched. ``apply=False`` only checks
+    (callbacks do this when built and when ``fit`` starts, long before their epoch).
+    """
+    batchnorm = check_batchnorm(batchnorm, owner=owner or "freeze")
+    matched = match(model, patterns, owner=owner)
+    chosen = {id(p) for _, p in matched}
+    param_names = {id(p): n for n, p in named_parameters(model)}
+    norms = []  # batch-norm modules this call freezes entirely / unfreezes partly or fully
+    for module_name, module in _named_modules(model):
+        own = list(module.parameters(recurse=False))
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not own:
+            continue
+        hit = [p for p in own if id(p) in chosen]
+        if trainable and hit:
+            norms.append(module)
+        elif not trainable and len(hit) == len(own):
+            norms.append(module)
+        elif not trainable and hit and batchnorm == "eval":
+            frozen = [param_names[id(p)] for p in hit]
+            left = [param_names[id(p)] for p in own if id(p) not in chosen]
+            raise ValueError(
+                f"{_prefix(owner)}batchnorm='eval' keeps a batch-norm layer in eval mode only "
+                f"when all of its parameters are frozen, but `patterns` freezes part of "
+                f"{module_name!r}: {_listing(frozen)} but not {_listing(left)}. Received: "
+                f"patterns={_short(patterns)}, batchnorm='eval'. Widen the patterns to the "
+                f"whole layer (e.g. {module_name + '.*'!r}), or pass batchnorm='train'."
+            )
+    if not apply:
+        return [n for n, _ in matched], []
+    for _, param in matched:
+        param.requires_grad_(trainable)
+    changed = []
+    keep_eval = not trainable and batchnorm == "eval"
+    for module in norms:
+        if bool(getattr(module, KEEP_EVAL, False)) != keep_eval:
+            changed.append(module)
+        if keep_eval:
+            setattr(module, KEEP_EVAL, True)
+        elif hasattr(module, KEEP_EVAL):
+            delattr(module, KEEP_EVAL)
+    return [n for n, _ in matched], changed
 
 
 def freeze(
-    model: nn.Module | Mapping[str, nn.Module], patterns: str | list[str]
+    model: nn.Module | Mapping[str, nn.Module],
+    patterns: str | list[str],
+    *,
+    batchnorm: str = "train",
 ) -> list[str]:
     """Set ``requires_grad=False`` on the parameters matching ``patterns``.
 
     ``patterns`` is a glob str (``|`` between alternatives) or a list of them.
     Returns the names of all matched parameters (already frozen ones
-    included), in ``named_parameters()`` order. Build the optimizer (with
-    ``param_groups``) after freezing so that frozen parameters are left out.
+    included), in ``named_parameters()`` order.
+
+    A frozen parameter gets no gradient, so no optimizer changes it. To
+    unfreeze it later in the same run (``callbacks.Unfreeze``), it must be in
+    an optimizer: build the optimizer first, then freeze. ``param_groups``
+    leaves parameters that are already frozen out of the groups.
+
+    ``batchnorm`` decides what happens to the batch-norm layers whose
+    parameters this call freezes entirely:
+
+    * ``"train"`` (default, as in PyTorch): in train mode they still
+      normalise with the batch's statistics and update their running mean and
+      variance; only their affine weight and bias are fixed.
+    * ``"eval"`` (like Keras's ``trainable=False``): ``Trainer.fit`` keeps them
+      in eval mode, so they normalise with their running statistics, which
+      stay fixed. The layer is marked with ``_trainflow_keep_eval = True``; in
+      a hand-written loop, call ``.eval()`` on it after ``model.train()``.
+
+    The latest ``freeze``/``unfreeze`` call decides: ``batchnorm="train"``
+    clears an earlier ``"eval"``, and :func:`unfreeze` clears it too. With
+    ``"eval"``, a pattern that freezes only part of a batch-norm layer's
+    parameters is an error. Layers without parameters (``affine=False``)
+    are not matched by any pattern; set the attribute yourself if needed.
 
     >>> from torch import nn
     >>> net = nn.ModuleDict({"conv": nn.Conv2d(1, 4, 3), "fc": nn.Linear(4, 2)})
@@ -351,8 +487,13 @@ def freeze(
     ['conv.weight', 'conv.bias']
     >>> net.conv.weight.requires_grad
     False
+    >>> net = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    >>> freeze(net, "0.*|1.*", batchnorm="eval")
+    ['0.weight', '0.bias', '1.weight', '1.bias']
+    >>> net[1]._trainflow_keep_eval
+    True
     """
-    return _set_requires_grad(model, patterns, False)
+    return toggle(model, patterns, trainable=False, batchnorm=batchnorm)[0]
 
 
 def unfreeze(
@@ -361,6 +502,9 @@ def unfreeze(
     """Set ``requires_grad=True`` on the parameters matching ``patterns``.
 
     The counterpart of :func:`freeze`, with the same arguments and return value.
+    A batch-norm layer any of whose parameters it unfreezes loses the mark set
+    by ``freeze(..., batchnorm="eval")``: it trains (and updates its running
+    statistics) in train mode again from the next ``fit``.
 
     >>> from torch import nn
     >>> net = nn.ModuleDict({"conv": nn.Conv2d(1, 4, 3), "fc": nn.Linear(4, 2)})
@@ -371,4 +515,4 @@ def unfreeze(
     >>> [n for n, p in net.named_parameters() if p.requires_grad]
     ['fc.weight', 'fc.bias']
     """
-    return _set_requires_grad(model, patterns, True)
+    return toggle(model, patterns, trainable=True)[0]

@@ -22,6 +22,10 @@ __all__ = ["Schedule"]
 INTERVALS = ("update", "epoch")
 
 
+def _group_name(optimizer: torch.optim.Optimizer, index: int) -> str:
+    return str(optimizer.param_groups[index].get("name", f"#{index}"))
+
+
 class Schedule:
     """A hyperparameter schedule for a :class:`~trainflow.Step`.
 
@@ -64,7 +68,7 @@ class Schedule:
         if not is_scheduler and not callable(schedule):
             raise TypeError(
                 "Schedule: `schedule` must be a function of progress f(t) -> value or a "
-                f"torch.optim.lr_scheduler object. Received: {type(schedule).__name__}. "
+                f"torch.optim.lr_scheduler object. Received: schedule={schedule!r} of type {type(schedule).__name__}. "
                 "Pass e.g. lambda t: 0.1 * 0.95 ** t."
             )
         if is_scheduler and (key != "lr" or groups is not None):
@@ -79,7 +83,7 @@ class Schedule:
         self.key = key
         self.groups = groups
         self.count = 0
-        self._targets: list[dict[str, Any]] = []
+        self._targets: list[tuple[torch.optim.Optimizer, int]] = []
 
     @property
     def is_function(self) -> bool:
@@ -91,34 +95,38 @@ class Schedule:
             owner = getattr(self.schedule, "optimizer", None)
             if owner is not None and all(owner is not opt for opt in optimizers):
                 raise ValueError(
-                    f"Step {step!r}: its scheduler ({type(self.schedule).__name__}) was built on an optimizer "
-                    "that the step does not update, so stepping it would change nothing the step trains. "
+                    f"Step {step!r}: its scheduler was built on an optimizer that the step does not update, so "
+                    f"stepping it would change nothing the step trains. Received: a {type(self.schedule).__name__} "
+                    f"on a {type(owner).__name__} that is not among the step's optimizers. "
                     "Build the scheduler on one of this step's optimizers, or give it to the step that owns it."
                 )
             return
-        groups = [g for opt in optimizers for g in opt.param_groups]
+        # Targets are (optimizer, group index): optimizer.load_state_dict replaces the group
+        # dicts, so dicts held from here would go stale after a resume.
+        slots = [(opt, i) for opt in optimizers for i in range(len(opt.param_groups))]
         if self.groups is not None:
-            names = [str(g.get("name")) for g in groups]
+            names = [_group_name(opt, i) for opt, i in slots]
             alternatives = [a.strip() for a in self.groups.split("|")]
-            groups = [g for g, n in zip(groups, names) if any(fnmatchcase(n, a) for a in alternatives)]
-            if not groups:
+            slots = [s for s, n in zip(slots, names) if any(fnmatchcase(n, a) for a in alternatives)]
+            if not slots:
                 raise ValueError(
                     f"Step {step!r}: Schedule(groups={self.groups!r}) matches no parameter group. "
-                    f"Received groups named: {names}. Name groups with trainflow.param_groups, or fix the pattern."
+                    f"Received: groups named {names}. Name groups with trainflow.param_groups, or fix the pattern."
                 )
-        missing = [i for i, g in enumerate(groups) if self.key not in g]
+        missing = [_group_name(opt, i) for opt, i in slots if self.key not in opt.param_groups[i]]
         if missing:
+            keys = sorted({k for opt, i in slots for k in opt.param_groups[i] if k != "params"})
             raise ValueError(
-                f"Step {step!r}: Schedule(key={self.key!r}) is not a hyperparameter of the optimizer's groups. "
-                f"Received: groups with keys {sorted(k for k in groups[0] if k != 'params')}. Use one of them."
+                f"Step {step!r}: Schedule(key={self.key!r}) is not a hyperparameter of group(s) {missing}. "
+                f"Received: key={self.key!r}; the groups have {keys}. Use one of them."
             )
-        self._targets = groups
+        self._targets = slots
         self._apply()
 
     def _apply(self) -> None:
         value = self.schedule(self.count)
-        for group in self._targets:
-            group[self.key] = value
+        for opt, i in self._targets:
+            opt.param_groups[i][self.key] = value
 
     def step(self) -> None:
         """Advance one interval (called by the trainer after each update or epoch)."""

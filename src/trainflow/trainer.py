@@ -17,7 +17,7 @@ from trainflow.events import Events
 from trainflow.flow import Flow
 from trainflow.losses import Term, check_finite, parse_loss, total_of
 from trainflow.metrics import Metrics
-from trainflow.params import named_parameters
+from trainflow.params import KEEP_EVAL, named_parameters
 from trainflow.precision import Precision
 from trainflow.step import Step
 
@@ -26,9 +26,6 @@ __all__ = ["Trainer"]
 #: on devices where reading a value stalls the host, losses are checked for NaN this often
 _FINITE_CHECK_EVERY = 50
 
-#: a module carrying this attribute set to True stays in eval mode during fit (e.g. a frozen
-#: BatchNorm whose running statistics must not move: see ``trainflow.freeze``)
-KEEP_EVAL = "_trainflow_keep_eval"
 
 
 def _models(models: Any) -> dict[str, nn.Module]:
@@ -152,7 +149,8 @@ class Trainer:
         out_dir: str | Path | None = None,
     ) -> None:
         self.models = _models(models)
-        self._single_model = isinstance(models, nn.Module)
+        #: the models as given: the module itself, or the dict (for naming parameters)
+        self.model_tree: nn.Module | dict[str, nn.Module] = models if isinstance(models, nn.Module) else self.models
         self.flow = Flow(list(steps) if not isinstance(steps, Step) else steps)
         self.device = _device(device)
         self.precision = Precision(precision, self.device)
@@ -470,7 +468,7 @@ class Trainer:
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Every parameter of the models, named as in ``describe()`` (``"<model>.<name>"`` for a dict)."""
-        return named_parameters(self.models["model"] if self._single_model else self.models)
+        return named_parameters(self.model_tree)
 
     def describe(self) -> str:
         """The plan as a table: steps, optimizers, parameter groups, counts, frozen and idle parameters."""

@@ -5,6 +5,7 @@
 - :class:`CSVLogger`, :class:`JSONLLogger`, :class:`TensorBoardLogger`: epoch values (and
   losses every N updates) to ``<out_dir>/metrics.csv``, ``metrics.jsonl``, ``tensorboard/``.
 - :class:`EarlyStopping`: stop when a monitored epoch value stops improving.
+- :class:`Freeze`, :class:`Unfreeze`: change which parameters train when a given epoch starts.
 
 Loss values arrive as device tensors; every callback reads them only when it writes them, so
 a CUDA run does not wait on the device at each update.
@@ -12,9 +13,19 @@ a CUDA run does not wait on the device at each update.
 
 from trainflow.callbacks.csv_logger import CSVLogger
 from trainflow.callbacks.early_stopping import EarlyStopping
+from trainflow.callbacks.freezing import Freeze, Unfreeze
 from trainflow.callbacks.jsonl_logger import JSONLLogger
 from trainflow.callbacks.loss_logger import LossLogger
 from trainflow.callbacks.progress_bar import ProgressBar
 from trainflow.callbacks.tensorboard_logger import TensorBoardLogger
 
-__all__ = ["CSVLogger", "EarlyStopping", "JSONLLogger", "LossLogger", "ProgressBar", "TensorBoardLogger"]
+__all__ = [
+    "CSVLogger",
+    "EarlyStopping",
+    "Freeze",
+    "JSONLLogger",
+    "LossLogger",
+    "ProgressBar",
+    "TensorBoardLogger",
+    "Unfreeze",
+]
