@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Average", "Term", "parse_loss"]
+__all__ = ["Average", "Term", "add_loss", "parse_loss"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,3 +125,50 @@ def check_finite(terms: list[Term], step: str, update: int) -> None:
                 "Lower the learning rate, clip gradients (Step(..., clip_grad_norm=1.0)), "
                 "or check the data for NaN/inf."
             )
+
+
+# ---------------------------------------------------------------- model-tracked losses
+
+_collected: list[torch.Tensor] | None = None  # set only while a training step's forward runs
+
+
+def add_loss(value: torch.Tensor) -> None:
+    """Add ``value`` to the loss of the training step whose forward pass is running.
+
+    Keras's ``self.add_loss``: call it inside any module's ``forward`` (an activity
+    regulariser, a KL term). During a training step the values are summed into that step's
+    loss and logged as ``<step>/aux``; under accumulation they are weighted like the main
+    loss. Outside a training step (validation, plain inference) the call does nothing.
+
+    Example:
+        >>> import torch
+        >>> from trainflow import add_loss
+        >>> class ActivityRegularization(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         add_loss(1e-2 * x.sum())
+        ...         return x
+        >>> ActivityRegularization()(torch.ones(2, 3)).shape  # no step running: ignored
+        torch.Size([2, 3])
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"add_loss: `value` must be a scalar tensor. Received: value={_short(value)} of type "
+            f"{type(value).__name__}. Pass a tensor, e.g. add_loss(1e-2 * x.pow(2).mean())."
+        )
+    if value.ndim != 0:
+        raise ValueError(
+            f"add_loss: `value` must be a scalar (0-dim) tensor. Received: a tensor of shape "
+            f"{tuple(value.shape)}. Reduce it first, e.g. add_loss(x.sum())."
+        )
+    if _collected is not None:
+        _collected.append(value)
+
+
+def collect_added(fn, *args, into: list[torch.Tensor] | None = None):
+    """Run ``fn(*args)`` collecting ``add_loss`` values (into ``into``); return (result, values)."""
+    global _collected
+    outer, _collected = _collected, ([] if into is None else into)
+    try:
+        return fn(*args), _collected
+    finally:
+        _collected = outer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -123,6 +124,7 @@ class Step:
         "partial_window",
         "clip_grad_norm",
         "schedulers",
+        "update",
     )
 
     def __init__(
@@ -186,9 +188,63 @@ class Step:
         )
         self.partial_window = partial_window
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        self.update: Callable[[Any, Any], Any] | None = None  # set by Step.custom
         self.schedulers = _schedulers(scheduler)
         for schedule in self.schedulers:
             schedule.bind(self.optimizers, self.name or "step")
+
+    @classmethod
+    def custom(
+        cls,
+        update: Callable[[Any, Any], Any],
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        *,
+        name: str | None = None,
+        repeat: int = 1,
+        batch: str = "next",
+        data: str = "train",
+        clip_grad_norm: float | None = None,
+        scheduler: Any = None,
+    ) -> Step:
+        """A step whose function performs its own updates: ``update(batch, ctx)``.
+
+        The escape hatch for flows that do not fit a loss per step (Keras's ``train_step``).
+        ``ctx`` (a :class:`trainflow.custom.UpdateContext`) offers ``minimize(loss, opt)``,
+        ``zero_grad``, ``backward`` (into the given optimizer's parameters only), ``step``,
+        ``aux_loss()`` and ``optimizers``. The function returns None, a loss or a dict of
+        named values to log. It must step at least once and may change no parameter outside
+        ``optimizer``; both are checked after every call.
+
+        Example:
+            >>> import torch
+            >>> from trainflow import Step
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> def update(batch, ctx):
+            ...     loss = model(batch).pow(2).mean()
+            ...     ctx.minimize(loss, opt)
+            ...     return loss
+            >>> Step.custom(update, opt).name
+            'update'
+        """
+        if not callable(update):
+            raise TypeError(
+                f"Step.custom: `update` must be a function update(batch, ctx). Received: update={update!r} "
+                f"of type {type(update).__name__}."
+            )
+        try:
+            inspect.signature(update).bind(None, None)
+        except TypeError:
+            raise TypeError(
+                f"Step.custom: `update` must accept two arguments (batch, ctx). Received: a function with "
+                f"signature {inspect.signature(update)}. Define it as `def update(batch, ctx): ...`."
+            ) from None
+        except ValueError:  # no signature (a builtin): trust it
+            pass
+        step = cls(update, optimizer, name=name, repeat=repeat, batch=batch, data=data,
+                   clip_grad_norm=clip_grad_norm, scheduler=scheduler)
+        step.update, step.loss = update, None
+        return step
 
     def __repr__(self) -> str:
         opts = ", ".join(type(o).__name__ for o in self.optimizers)

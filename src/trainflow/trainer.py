@@ -15,13 +15,17 @@ from trainflow.data.batch import move, sample_count, split
 from trainflow.data.streams import Stream, open_streams
 from trainflow.events import Events
 from trainflow.flow import Flow
-from trainflow.losses import Term, check_finite, parse_loss, total_of
+from trainflow.custom import Guard, UpdateContext, check_result
+from trainflow.losses import Term, check_finite, collect_added, parse_loss, total_of
 from trainflow.metrics import Metrics
 from trainflow.params import KEEP_EVAL, named_parameters
 from trainflow.precision import Precision
 from trainflow.step import Step
 
 __all__ = ["Trainer"]
+
+#: the logged name of the add_loss total in each step
+AUX = "aux"
 
 #: on devices where reading a value stalls the host, losses are checked for NaN this often
 _FINITE_CHECK_EVERY = 50
@@ -60,13 +64,16 @@ def _device(device: Any) -> torch.device:
 class _Plan:
     """What the trainer precomputes for one step: the parameters it owns and its log keys."""
 
-    __slots__ = ("step", "params", "keys", "update_schedules", "epoch_schedules")
+    __slots__ = ("step", "params", "keys", "update_schedules", "epoch_schedules", "by_optimizer", "guard")
 
-    def __init__(self, step: Step, owned: dict[int, str]) -> None:
+    def __init__(self, step: Step, named: list[tuple[str, torch.Tensor]]) -> None:
         self.step = step
+        owned = {id(p) for _, p in named}
         params: dict[int, torch.Tensor] = {}
+        self.by_optimizer: dict[int, list[torch.Tensor]] = {}
         for i, opt in enumerate(step.optimizers):
             opt_params = [p for g in opt.param_groups for p in g["params"]]
+            self.by_optimizer[id(opt)] = opt_params
             if not any(id(p) in owned for p in opt_params):
                 raise ValueError(
                     f"Trainer: step {step.name!r}: optimizer[{i}] ({type(opt).__name__}) owns no parameter "
@@ -77,6 +84,8 @@ class _Plan:
                 params.setdefault(id(p), p)
         self.params: tuple[torch.Tensor, ...] = tuple(params.values())
         self.keys: dict[str, str] = {}
+        # a custom update runs user code that could touch anything: watch the other parameters
+        self.guard = Guard([(n, p) for n, p in named if id(p) not in params]) if step.update else None
         self.update_schedules = tuple(s for s in step.schedulers if s.interval == "update")
         self.epoch_schedules = tuple(s for s in step.schedulers if s.interval == "epoch")
 
@@ -163,8 +172,8 @@ class Trainer:
                 f"Trainer: `out_dir` must be a path or None. Received: out_dir={out_dir!r}. Pass e.g. 'runs/gan'."
             )
         self.out_dir = None if out_dir is None else Path(out_dir)
-        owned = {id(p): name for name, p in self.named_parameters()}
-        self._plans = {step: _Plan(step, owned) for step in self.flow.steps}
+        named = self.named_parameters()
+        self._plans = {step: _Plan(step, named) for step in self.flow.steps}
         self.optimizers = self._name_optimizers()
         for model in self.models.values():
             model.to(self.device)
@@ -293,6 +302,8 @@ class Trainer:
             if not batches or (len(batches) < step.accumulate and step.partial_window == "drop"):
                 return None
             self._last_batches = batches
+        if step.update is not None:
+            return self._custom_update(step, plan, batches[0])
         params = plan.trainable()
         for opt in step.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -318,7 +329,41 @@ class Trainer:
 
     def _forward(self, step: Step, batch: Any) -> list[Term]:
         with self.precision.autocast():
-            return parse_loss(step.loss(batch), step.name)
+            out, added = collect_added(step.loss, batch)
+        terms = parse_loss(out, step.name)
+        if added:  # add_loss values from the models' forward passes
+            if any(t.name == AUX for t in terms):
+                raise ValueError(
+                    f"Step {step.name!r}: the loss function returns a term named {AUX!r}, the name of the "
+                    "add_loss total. Rename that term."
+                )
+            terms.append(Term(AUX, total_of([Term(AUX, v) for v in added])))
+        return terms
+
+    def _custom_update(self, step: Step, plan: _Plan, batch: Any) -> dict[str, torch.Tensor]:
+        ctx = UpdateContext(step, self.precision, plan.by_optimizer)
+        plan.guard.arm()
+        with self.precision.autocast():
+            out, _ = collect_added(step.update, batch, ctx, into=ctx._aux)
+        if ctx._aux:
+            raise ValueError(
+                f"Step {step.name!r}: modules called add_loss during this custom update, but the update never "
+                "took those values. Add ctx.aux_loss() to the loss it differentiates."
+            )
+        if not ctx.stepped:
+            raise ValueError(
+                f"Step {step.name!r}: the custom update returned without stepping an optimizer, so the update "
+                "changed nothing. Call ctx.minimize(loss, opt) or ctx.step(opt) in it."
+            )
+        plan.guard.check(step.name)
+        self.precision.update()
+        for schedule in plan.update_schedules:
+            schedule.step()
+        terms = parse_loss(check_result(out, step.name), step.name) if out is not None else []
+        values = {t.name: t.value.detach() for t in terms}
+        if values:
+            self._check_finite(values, step)
+        return {plan.key(name): value for name, value in values.items()}
 
     def _check_finite(self, values: dict[str, torch.Tensor], step: Step) -> None:
         # Reading a CUDA value stalls the host: there, check every _FINITE_CHECK_EVERY updates
