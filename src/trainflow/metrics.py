@@ -64,6 +64,8 @@ class Metrics:
                     f"Trainer: metric {key!r} must have update/compute/reset methods (a torchmetrics "
                     f"Metric). Received: {type(metric).__name__}, which lacks {', '.join(missing)}."
                 )
+            if callable(getattr(metric, "persistent", None)):
+                metric.persistent(True)  # torchmetrics: put the running state in state_dict (resume)
             self.by_phase[phase][key] = metric
 
     def to(self, device: torch.device) -> None:
@@ -82,3 +84,20 @@ class Metrics:
             logs.update(_as_logs(key, metric.compute()))
             metric.reset()
         return logs
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running state of every metric that has one (mid-epoch resume)."""
+        state = {}
+        for metrics in self.by_phase.values():
+            for key, metric in metrics.items():
+                if callable(getattr(metric, "state_dict", None)):
+                    state[key] = {"state": metric.state_dict(), "updates": getattr(metric, "_update_count", 0)}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for metrics in self.by_phase.values():
+            for key, metric in metrics.items():
+                if key in state:
+                    metric.load_state_dict(state[key]["state"])
+                    if hasattr(metric, "_update_count"):
+                        metric._update_count = state[key]["updates"]

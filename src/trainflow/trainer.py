@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainflow import checkpoint, rng
 from trainflow.accumulation import accumulate_window
 from trainflow.data.batch import move, sample_count, split
 from trainflow.data.streams import Stream, open_streams
@@ -23,6 +24,8 @@ from trainflow.precision import Precision
 from trainflow.step import Step
 
 __all__ = ["Trainer"]
+
+NONFINITE_POLICIES = ("raise", "skip", "stop")
 
 #: the logged name of the add_loss total in each step
 AUX = "aux"
@@ -121,6 +124,11 @@ class Trainer:
         precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (CUDA, with loss scaling).
         compile: compile each model with ``torch.compile``.
         out_dir: where callbacks write artifacts (logs, plots, checkpoints).
+        on_nonfinite: what a NaN or infinite loss (or gradient) does: ``"raise"`` an error
+            naming the step, loss and update; ``"skip"`` the update (weights and optimizer
+            state untouched, counted in ``trainer.skipped``); or ``"stop"`` ``fit`` cleanly
+            (a ``Checkpoint`` callback then saves). On CUDA, "raise" reads the loss every
+            50 updates only (no per-update host sync); "skip" and "stop" read one flag per update.
 
     Counters: ``trainer.epoch`` (completed epochs) and ``trainer.updates`` (optimizer updates
     of all steps); ``trainer.max_epochs`` / ``trainer.max_updates`` are the current ``fit``'s
@@ -156,7 +164,14 @@ class Trainer:
         precision: str = "32",
         compile: bool = False,
         out_dir: str | Path | None = None,
+        on_nonfinite: str = "raise",
     ) -> None:
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"Trainer: `on_nonfinite` must be one of {NONFINITE_POLICIES}. Received: on_nonfinite={on_nonfinite!r}. "
+                "Use 'raise' to fail at once, 'skip' to drop the update, 'stop' to end fit (and checkpoint)."
+            )
+        self.on_nonfinite = on_nonfinite
         self.models = _models(models)
         #: the models as given: the module itself, or the dict (for naming parameters)
         self.model_tree: nn.Module | dict[str, nn.Module] = models if isinstance(models, nn.Module) else self.models
@@ -190,7 +205,11 @@ class Trainer:
         self._streams: dict[str, Stream] = {}
         self._in_epoch = False
         self._last_batches: list[Any] = []
+        self._last_stream: str | None = None
         self._epoch_losses: dict[str, list[torch.Tensor]] = {}
+        self._resume_loop: dict[str, Any] | None = None  # set by load_state_dict, applied by fit
+        self.skipped = 0  # updates dropped for non-finite values (on_nonfinite="skip")
+        self.stop_reason: str | None = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -202,14 +221,20 @@ class Trainer:
         max_updates: int | None = None,
         val_data: Iterable | None = None,
         val_step: Callable[[Any], Any] | None = None,
+        resume: str | Path | None = None,
     ) -> None:
         """Train until ``epochs`` epochs or ``max_updates`` updates have been completed.
 
         ``data`` is an iterable of batches (the "train" stream) or a dict of named streams.
         Both limits are totals for the trainer, so calling ``fit`` again continues a run.
         With ``val_data``, ``val_step(batch)`` runs after every epoch under ``evaluate``.
+        ``resume="latest"`` continues from the newest checkpoint in ``<out_dir>/checkpoints``
+        (and starts fresh when there is none); a path continues from that file. A resumed run
+        ends bit-identical (CPU) to one that was never interrupted.
         """
         self._check_limits(epochs, max_updates)
+        if resume is not None:
+            self._load_for_resume(resume)
         if (val_data is None) != (val_step is None):
             raise ValueError(
                 "fit: `val_data` and `val_step` go together. Received: "
@@ -222,7 +247,9 @@ class Trainer:
         for step in self.flow.steps:
             needed.setdefault(step.data, step.name)
         streams = open_streams(data, needed, self.device)
-        if self._in_epoch and self._same_data(streams):
+        if self._resume_loop is not None:
+            self._replay(streams, self._resume_loop)
+        elif self._in_epoch and self._same_data(streams):
             streams = self._streams  # continue the epoch an earlier fit stopped in
         else:
             self._in_epoch = False
@@ -230,6 +257,7 @@ class Trainer:
         self.max_epochs, self.max_updates = epochs, max_updates
         self._warn_batchnorm()
         self.should_stop = False
+        self.stop_reason = None
         modes = _modes(self.models)
         try:
             for model in self.models.values():
@@ -301,7 +329,7 @@ class Trainer:
             batches = self._streams[step.data].take(step.accumulate)
             if not batches or (len(batches) < step.accumulate and step.partial_window == "drop"):
                 return None
-            self._last_batches = batches
+            self._last_batches, self._last_stream = batches, step.data
         if step.update is not None:
             return self._custom_update(step, plan, batches[0])
         params = plan.trainable()
@@ -315,7 +343,8 @@ class Trainer:
             values = {t.name: t.value.detach() for t in terms}
         else:
             values = accumulate_window(batches, lambda b: self._forward(step, b), self.precision.scale, params, step.name)
-        self._check_finite(values, step)
+        if not self._finite(values, step, params):
+            return self._drop_update(step, plan, values)
         if step.clip_grad_norm is not None:
             for opt in step.optimizers:
                 self.precision.unscale(opt)
@@ -361,16 +390,32 @@ class Trainer:
             schedule.step()
         terms = parse_loss(check_result(out, step.name), step.name) if out is not None else []
         values = {t.name: t.value.detach() for t in terms}
-        if values:
-            self._check_finite(values, step)
+        if values and self.on_nonfinite == "raise":
+            self._finite(values, step, [])  # a custom update has stepped already: report only
         return {plan.key(name): value for name, value in values.items()}
 
-    def _check_finite(self, values: dict[str, torch.Tensor], step: Step) -> None:
-        # Reading a CUDA value stalls the host: there, check every _FINITE_CHECK_EVERY updates
-        # (a NaN in the weights shows in every later loss, so it is still caught).
-        if self.device.type != "cpu" and self.updates % _FINITE_CHECK_EVERY:
-            return
-        check_finite([Term(name, v) for name, v in values.items()], step.name, self.updates + 1)
+    def _finite(self, values: dict[str, torch.Tensor], step: Step, params: list[torch.Tensor]) -> bool:
+        """False when the update must be dropped (skip/stop); raises under on_nonfinite="raise"."""
+        if self.on_nonfinite == "raise":
+            # Reading a CUDA value stalls the host: there, check every _FINITE_CHECK_EVERY updates
+            # (a NaN in the weights shows in every later loss, so it is still caught).
+            if self.device.type == "cpu" or self.updates % _FINITE_CHECK_EVERY == 0:
+                check_finite([Term(name, v) for name, v in values.items()], step.name, self.updates + 1)
+            return True
+        flags = [torch.isfinite(v).all() for v in values.values()]
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and self.precision.scaler is None:  # under float16 the loss scaler handles overflow
+            flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        return bool(torch.stack(flags).all())
+
+    def _drop_update(self, step: Step, plan: _Plan, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Leave weights and optimizer state as they were; count the skip or stop the run."""
+        for opt in step.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.skipped += 1
+        if self.on_nonfinite == "stop":
+            self.stop("nonfinite")
+        return {plan.key(name): value for name, value in values.items()}
 
     def _end_epoch(self, val_data: Iterable | None, val_step: Callable | None) -> None:
         self._in_epoch = False
@@ -408,9 +453,14 @@ class Trainer:
             length = None
         return train.consumed, length
 
-    def stop(self) -> None:
-        """Ask ``fit`` to return after the current update (e.g. from a callback)."""
+    def stop(self, reason: str = "requested") -> None:
+        """Ask ``fit`` to return after the current update (e.g. from a callback).
+
+        ``trainer.stop_reason`` keeps the first reason given ("requested", "nonfinite", "signal"...).
+        """
         self.should_stop = True
+        if self.stop_reason is None:
+            self.stop_reason = reason
 
     @staticmethod
     def _check_limits(epochs: Any, max_updates: Any) -> None:
@@ -480,8 +530,11 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything the run's numbers depend on, as a dict of named stateful parts.
 
-        Holds the models, optimizers, schedulers, loss scaler, the flow's position in its cycle,
-        the counters, and how far each data stream is into its current pass.
+        Models, optimizers, schedules, the loss scaler, the flow's position in its cycle, the
+        counters, each data stream's position in its pass (with the RNG states its iterator was
+        made under), the random generators, metric states, the epoch's loss records and the
+        state of every callback that has one. Taken between two updates, so no accumulation
+        window is ever half-done: a window is inside one update.
         """
         return {
             "models": {name: m.state_dict() for name, m in self.models.items()},
@@ -489,16 +542,46 @@ class Trainer:
             "schedulers": {name: s.state_dict() for name, s in self._schedulers().items()},
             "precision": self.precision.state_dict(),
             "flow": self.flow.state_dict(),
+            "metrics": self.metrics.state_dict(),
+            "callbacks": {
+                key: cb.state_dict() for key, cb in self._stateful_callbacks().items()
+            },
             "loop": {
                 "epoch": self.epoch,
                 "updates": self.updates,
+                "skipped": self.skipped,
                 "in_epoch": self._in_epoch,
                 "streams": {name: stream.state_dict() for name, stream in self._streams.items()},
+                "last_stream": self._last_stream,
+                "last_batches": len(self._last_batches),
+                "epoch_losses": {k: torch.stack(v) for k, v in self._epoch_losses.items() if v},
+                "rng": rng.capture(),
             },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (the next ``fit`` starts a new epoch)."""
+        """Restore what :meth:`state_dict` returned; the next ``fit`` continues exactly there.
+
+        Raises a ValueError naming every mismatch when the state belongs to other models
+        (missing or unexpected keys, other shapes) or another flow.
+        """
+        _check_parts(state, ("models", "optimizers", "schedulers", "precision", "flow", "loop"))
+        problems = []
+        for name, model in self.models.items():
+            if name not in state["models"]:
+                problems.append(f"model {name!r} is not in the state (it has {sorted(state['models'])})")
+            else:
+                problems += _model_mismatch(name, model, state["models"][name])
+        problems += [f"the state has a model {n!r} this trainer lacks" for n in state["models"] if n not in self.models]
+        for part, mine in (("optimizers", self.optimizers), ("schedulers", self._schedulers())):
+            if sorted(state[part]) != sorted(mine):
+                problems.append(f"{part}: the state has {sorted(state[part])}, this trainer has {sorted(mine)}")
+        if problems:
+            raise ValueError(
+                "The state does not fit this trainer: " + "; ".join(problems) + ". Load a state saved by a "
+                "trainer with the same models, steps and optimizers."
+            )
+        self.flow.load_state_dict(state["flow"])
         for name, model in self.models.items():
             model.load_state_dict(state["models"][name])
         for name, opt in self.optimizers.items():
@@ -506,10 +589,59 @@ class Trainer:
         for name, s in self._schedulers().items():
             s.load_state_dict(state["schedulers"][name])
         self.precision.load_state_dict(state["precision"])
-        self.flow.load_state_dict(state["flow"])
-        self.epoch = int(state["loop"]["epoch"])
-        self.updates = int(state["loop"]["updates"])
+        self.metrics.load_state_dict(state.get("metrics", {}))
+        for key, cb in self._stateful_callbacks().items():
+            if key in state.get("callbacks", {}):
+                cb.load_state_dict(state["callbacks"][key])
+        loop = state["loop"]
+        self.epoch = int(loop["epoch"])
+        self.updates = int(loop["updates"])
+        self.skipped = int(loop.get("skipped", 0))
+        self._epoch_losses = {k: list(v.unbind()) for k, v in loop.get("epoch_losses", {}).items()}
         self._in_epoch = False
+        self._resume_loop = dict(loop)
+
+    def _replay(self, streams: dict[str, Stream], loop: dict[str, Any]) -> None:
+        """Put every stream where the saved run was, then the random generators."""
+        missing = sorted(set(loop["streams"]) - set(streams))
+        if missing:
+            raise ValueError(
+                f"fit: the state being resumed was taken with data streams {sorted(loop['streams'])}; "
+                f"`data` lacks {missing}. Pass the same streams as the interrupted run."
+            )
+        for name, stream_state in loop["streams"].items():
+            keep = loop["last_batches"] if name == loop["last_stream"] else 0
+            kept = streams[name].replay(stream_state, keep)
+            if keep:
+                self._last_batches, self._last_stream = kept, name
+        self._in_epoch = bool(loop["in_epoch"])
+        rng.restore(loop["rng"])
+        self._resume_loop = None
+
+    def _load_for_resume(self, resume: str | Path) -> None:
+        if resume == "latest":
+            if self.out_dir is None:
+                raise ValueError(
+                    "fit: resume='latest' looks in <out_dir>/checkpoints, but the trainer has no out_dir. "
+                    "Received: out_dir=None. Pass Trainer(..., out_dir='runs/my-run')."
+                )
+            path = checkpoint.latest(self.out_dir / "checkpoints")
+            if path is None:
+                return  # first run: nothing to resume yet
+        elif isinstance(resume, (str, Path)):
+            path = Path(resume)
+        else:
+            raise TypeError(
+                f"fit: `resume` must be 'latest', a checkpoint path or None. Received: resume={resume!r}."
+            )
+        self.load_state_dict(checkpoint.load(path))
+
+    def _stateful_callbacks(self) -> dict[str, Any]:
+        return {
+            f"{i}:{type(cb).__name__}": cb
+            for i, cb in enumerate(self.events.callbacks)
+            if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))
+        }
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Every parameter of the models, named as in ``describe()`` (``"<model>.<name>"`` for a dict)."""
@@ -551,3 +683,31 @@ def _modes(models: dict[str, nn.Module]) -> list[tuple[nn.Module, bool]]:
 def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
     for module, training in modes:
         module.training = training
+
+
+def _check_parts(state: Any, parts: tuple[str, ...]) -> None:
+    if not isinstance(state, Mapping) or any(p not in state for p in parts):
+        have = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(
+            f"The state is not a trainflow Trainer state: expected the parts {list(parts)}. Received: {have}. "
+            "Pass what Trainer.state_dict() returned (or a file written by trainflow.checkpoint.save)."
+        )
+
+
+def _model_mismatch(name: str, model: nn.Module, saved: Mapping[str, Any]) -> list[str]:
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in saved]
+    unexpected = [k for k in saved if k not in mine]
+    shapes = [
+        f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}"
+        for k, v in mine.items()
+        if k in saved and isinstance(v, torch.Tensor) and tuple(saved[k].shape) != tuple(v.shape)
+    ]
+    out = []
+    if missing:
+        out.append(f"model {name!r} missing keys {missing[:8]}")
+    if unexpected:
+        out.append(f"model {name!r} unexpected keys {unexpected[:8]}")
+    if shapes:
+        out.append(f"model {name!r} shape mismatches (saved vs model) {shapes[:8]}")
+    return out

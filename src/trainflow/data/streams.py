@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from trainflow import rng
 from trainflow.data.batch import move
 
 __all__ = ["Stream", "open_streams"]
@@ -22,9 +23,15 @@ TRAIN = "train"
 
 
 class Stream:
-    """One named iterable, its live iterator and how many batches this pass has taken."""
+    """One named iterable, its live iterator and how many batches this pass has taken.
 
-    __slots__ = ("name", "iterable", "device", "iterator", "consumed", "exhausted")
+    To resume mid-pass, a stream records the RNG state at the two moments a ``DataLoader``
+    draws from it (making the iterator, taking its first batch); :meth:`replay` makes the
+    iterator again under those states and skips what was consumed, so the batches that follow
+    are exactly those the interrupted run would have seen.
+    """
+
+    __slots__ = ("name", "iterable", "device", "iterator", "consumed", "exhausted", "rng_start", "rng_first")
 
     def __init__(self, name: str, iterable: Iterable, device: torch.device) -> None:
         self.name = name
@@ -33,9 +40,13 @@ class Stream:
         self.iterator: Iterator | None = None
         self.consumed = 0
         self.exhausted = False
+        self.rng_start: dict[str, Any] | None = None
+        self.rng_first: dict[str, Any] | None = None
 
     def restart(self) -> None:
         """Begin a new pass over the data (a new epoch for "train")."""
+        self.rng_start = rng.capture_torch(self.iterable)
+        self.rng_first = None
         self.iterator = iter(self.iterable)
         self.consumed = 0
         self.exhausted = False
@@ -43,6 +54,8 @@ class Stream:
     def _next(self) -> Any:
         if self.iterator is None:
             self.restart()
+        if self.rng_first is None:
+            self.rng_first = rng.capture_torch(self.iterable)
         try:
             batch = next(self.iterator)
         except StopIteration:
@@ -50,6 +63,7 @@ class Stream:
                 self.exhausted = True
                 return None
             self.restart()  # other streams cycle on their own
+            self.rng_first = rng.capture_torch(self.iterable)
             try:
                 batch = next(self.iterator)
             except StopIteration:
@@ -75,7 +89,40 @@ class Stream:
         return batches
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed": self.consumed, "exhausted": self.exhausted, "started": self.iterator is not None}
+        return {
+            "consumed": self.consumed,
+            "exhausted": self.exhausted,
+            "started": self.iterator is not None,
+            "rng_start": self.rng_start,
+            "rng_first": self.rng_first,
+        }
+
+    def replay(self, state: dict[str, Any], keep: int = 0) -> list[Any]:
+        """Re-create the pass ``state`` describes; return its last ``keep`` batches (loaded)."""
+        if not state["started"]:
+            self.iterator = None
+            return []
+        rng.restore_torch(state["rng_start"], self.iterable)
+        self.iterator = iter(self.iterable)
+        self.rng_start, self.rng_first = state["rng_start"], state["rng_first"]
+        consumed = state["consumed"]
+        if self.rng_first is not None:
+            rng.restore_torch(self.rng_first, self.iterable)
+        skip = consumed - keep
+        if skip > 0 and hasattr(self.iterator, "_next_index") and type(self.iterator).__name__ == "_SingleProcessDataLoaderIter":
+            # a map-style DataLoader in this process: advance its sampler without loading samples
+            for _ in range(skip):
+                self.iterator._next_index()
+            self.iterator._num_yielded += skip
+        else:
+            for _ in range(skip):
+                next(self.iterator)
+        kept = [next(self.iterator) for _ in range(keep)]
+        if self.device.type != "cpu":
+            kept = [move(b, self.device) for b in kept]
+        self.consumed = consumed
+        self.exhausted = state["exhausted"]
+        return kept
 
 
 def open_streams(data: Any, needed: Mapping[str, str], device: torch.device) -> dict[str, Stream]:

@@ -1,0 +1,122 @@
+"""Checkpoint files: written atomically and durably, loaded safely, found again by ``resume``.
+
+Writing: the state goes to a temporary file in the same directory, which is fsynced, renamed
+over the final name with ``os.replace`` (atomic), and the directory is fsynced. A crash at any
+moment leaves either the previous complete file or the new complete file, never a torn one;
+the temporary file's name starts with a dot and never matches a checkpoint name.
+
+Loading: always ``torch.load(..., weights_only=True)``: a file that would need to run pickled
+code to load is refused, never executed. Errors say what is wrong with the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["FORMAT", "latest", "load", "path_for", "save"]
+
+#: the marker and version of trainflow's checkpoint layout
+FORMAT = "trainflow-checkpoint-1"
+_NAME = re.compile(r"^ckpt-u(\d{9})(?:-e(\d+))?\.pt$")
+
+
+def path_for(directory: str | Path, updates: int, epoch: int | None = None) -> Path:
+    """The file name of the checkpoint taken after ``updates`` updates (sorts by update count).
+
+    Example:
+        >>> path_for("runs/gan/checkpoints", 1200, epoch=3).name
+        'ckpt-u000001200-e3.pt'
+    """
+    suffix = "" if epoch is None else f"-e{epoch}"
+    return Path(directory) / f"ckpt-u{updates:09d}{suffix}.pt"
+
+
+def checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoint files in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _NAME.match(p.name)]
+    return sorted(found, key=lambda p: (int(_NAME.match(p.name).group(1)), p.name))
+
+
+def latest(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``directory`` (None when there is none)."""
+    found = checkpoints(directory)
+    return found[-1] if found else None
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically and durably; errors are raised, never swallowed.
+
+    Example:
+        >>> import tempfile, torch
+        >>> folder = tempfile.mkdtemp()
+        >>> p = save({"w": torch.ones(2)}, path_for(folder, 7))
+        >>> load(p)["w"]
+        tensor([1., 1.])
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "state": state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save`, without ever running pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Checkpoint not found. Received: path={str(path)!r}. "
+            "Pass a file written by trainflow.callbacks.Checkpoint, or resume='latest'."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"Checkpoint {str(path)!r} was refused: loading it would run pickled code or build objects "
+            f"other than tensors and plain containers ({str(error).splitlines()[0][:200]}). "
+            "trainflow never loads such files; re-create the checkpoint with trainflow."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise ValueError(
+            f"Checkpoint {str(path)!r} is truncated or corrupt and cannot be read "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else 'no detail'}). "
+            "Resume from an earlier checkpoint in the same folder."
+        ) from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT or "state" not in obj:
+        raise ValueError(
+            f"{str(path)!r} is not a trainflow checkpoint (expected a file written by trainflow.checkpoint.save, "
+            f"format {FORMAT!r}). Received: a {type(obj).__name__}"
+            f"{' with keys ' + str(sorted(obj)[:8]) if isinstance(obj, dict) else ''}."
+        )
+    return obj["state"]

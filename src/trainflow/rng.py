@@ -1,0 +1,72 @@
+"""Random number generator states: captured and restored, as plain tensors and numbers.
+
+Everything here survives ``torch.load(..., weights_only=True)``: NumPy's state is stored as a
+tensor and a tuple of plain numbers, never as pickled NumPy objects.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["capture", "restore", "capture_torch", "restore_torch"]
+
+
+def _generators(iterable: Any) -> list[torch.Generator]:
+    """The private generators of a DataLoader and its sampler (they advance on each new epoch)."""
+    found = []
+    for owner in (iterable, getattr(iterable, "sampler", None), getattr(iterable, "batch_sampler", None)):
+        gen = getattr(owner, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+            found.append(gen)
+    return found
+
+
+def capture_torch(iterable: Any = None) -> dict[str, Any]:
+    """torch's global CPU state, plus the private generators of ``iterable`` if it has any."""
+    return {
+        "torch": torch.get_rng_state(),
+        "generators": [g.get_state() for g in _generators(iterable)],
+    }
+
+
+def restore_torch(state: dict[str, Any], iterable: Any = None) -> None:
+    torch.set_rng_state(state["torch"])
+    for gen, s in zip(_generators(iterable), state["generators"]):
+        gen.set_state(s)
+
+
+def capture() -> dict[str, Any]:
+    """Every global generator a training run may draw from: Python, NumPy, torch CPU and CUDA.
+
+    Example:
+        >>> import torch
+        >>> state = capture()
+        >>> a = torch.rand(1)
+        >>> restore(state)
+        >>> torch.equal(a, torch.rand(1))
+        True
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    version, internal, gauss = random.getstate()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+
+
+def restore(state: dict[str, Any]) -> None:
+    """Put back what :func:`capture` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
