@@ -264,10 +264,14 @@ class Trainer:
                 _train_mode(model)
             self.events.fire("on_fit_start", self)
             while not self._done(epochs, max_updates):
-                if not self._in_epoch:
+                fresh = not self._in_epoch
+                if fresh:
                     self._start_epoch()
+                before = self.updates
                 if not self._run_updates(max_updates):
                     break  # stopped inside the epoch
+                if fresh and self.updates == before:  # a whole epoch without an update: so will be the next
+                    raise ValueError(self._no_update_message())
                 self._end_epoch(val_data, val_step)
             self.events.fire("on_fit_end", self)
         except BaseException as error:
@@ -296,6 +300,20 @@ class Trainer:
                         UserWarning,
                         stacklevel=3,
                     )
+
+    def _no_update_message(self) -> str:
+        taken, step = self._streams["train"].consumed, self.flow.current
+        if taken == 0:
+            return (
+                "fit: the 'train' stream yielded no batch, so no epoch can have an update and fit would never "
+                "reach its limit. Received: an empty 'train' stream. Pass a non-empty DataLoader or iterable."
+            )
+        return (
+            f"Step {step.name!r}: the 'train' stream yields {taken} batch(es) per epoch, fewer than "
+            f"accumulate={step.accumulate} with partial_window='drop', so every epoch drops its only window and "
+            f"no update ever happens. Received: accumulate={step.accumulate}, {taken} batch(es) per epoch. "
+            "Lower accumulate, pass more data, or use partial_window='apply'."
+        )
 
     def _start_epoch(self) -> None:
         self._streams["train"].restart()
