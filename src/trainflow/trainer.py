@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -67,7 +68,7 @@ def _device(device: Any) -> torch.device:
 class _Plan:
     """What the trainer precomputes for one step: the parameters it owns and its log keys."""
 
-    __slots__ = ("step", "params", "keys", "update_schedules", "epoch_schedules", "by_optimizer", "guard")
+    __slots__ = ("step", "params", "owns_all", "keys", "update_schedules", "epoch_schedules", "by_optimizer", "guard")
 
     def __init__(self, step: Step, named: list[tuple[str, torch.Tensor]]) -> None:
         self.step = step
@@ -86,11 +87,23 @@ class _Plan:
             for p in opt_params:
                 params.setdefault(id(p), p)
         self.params: tuple[torch.Tensor, ...] = tuple(params.values())
+        self.owns_all = owned <= set(params)
         self.keys: dict[str, str] = {}
         # a custom update runs user code that could touch anything: watch the other parameters
         self.guard = Guard([(n, p) for n, p in named if id(p) not in params]) if step.update else None
         self.update_schedules = tuple(s for s in step.schedulers if s.interval == "update")
         self.epoch_schedules = tuple(s for s in step.schedulers if s.interval == "epoch")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Differentiate into the step's parameters only (isolation).
+
+        When the step owns every parameter of the models there is nothing to isolate from, and
+        a plain ``backward()`` gives the same gradients without autograd's per-call input map.
+        """
+        if self.owns_all and loss.requires_grad:
+            loss.backward()
+        else:
+            loss.backward(inputs=self.trainable())
 
     def trainable(self) -> list[torch.Tensor]:
         params = [p for p in self.params if p.requires_grad]
@@ -178,6 +191,7 @@ class Trainer:
         self.flow = Flow(list(steps) if not isinstance(steps, Step) else steps)
         self.device = _device(device)
         self.precision = Precision(precision, self.device)
+        self._host_reads = self.device.type == "cpu"  # reading a value costs no device sync
         self.metrics = Metrics(metrics)
         self.events = Events(callbacks)
         if not isinstance(compile, bool):
@@ -323,9 +337,10 @@ class Trainer:
 
     def _run_updates(self, max_updates: int | None) -> bool:
         """Run updates until the train stream is exhausted (True) or the run must stop (False)."""
-        flow, record, fire = self.flow, self._epoch_losses, self.events.fire
+        flow, record, handlers = self.flow, self._epoch_losses, self.events.handlers["on_update_end"]
+        limit = math.inf if max_updates is None else max_updates
         while True:
-            if self.should_stop or (max_updates is not None and self.updates >= max_updates):
+            if self.should_stop or self.updates >= limit:
                 return False
             step = flow.current
             losses = self._update(step)
@@ -336,7 +351,8 @@ class Trainer:
             self.losses = losses
             for key, value in losses.items():
                 record.setdefault(key, []).append(value)
-            fire("on_update_end", self, step, losses)
+            for handler in handlers:
+                handler(self, step, losses)
 
     def _update(self, step: Step) -> dict[str, torch.Tensor] | None:
         """One optimizer update of ``step``: None when the train stream has run out."""
@@ -350,33 +366,44 @@ class Trainer:
             self._last_batches, self._last_stream = batches, step.data
         if step.update is not None:
             return self._custom_update(step, plan, batches[0])
-        params = plan.trainable()
         for opt in step.optimizers:
             opt.zero_grad(set_to_none=True)
         if step.microbatch_size is not None:
             batches = [c for b in batches for c in split(b, step.microbatch_size, step.name)]
         if len(batches) == 1:
             terms = self._forward(step, batches[0])
-            self.precision.scale(total_of(terms)).backward(inputs=params)
-            values = {t.name: t.value.detach() for t in terms}
+            loss = terms[0].value if len(terms) == 1 else total_of(terms)
+            plan.backward(self.precision.scale(loss))
+            values = {plan.key(t.name): t.value.detach() for t in terms}
         else:
-            values = accumulate_window(batches, lambda b: self._forward(step, b), self.precision.scale, params, step.name)
-        if not self._finite(values, step, params):
-            return self._drop_update(step, plan, values)
+            window = accumulate_window(
+                batches, lambda b: self._forward(step, b), self.precision.scale, plan.trainable(), step.name
+            )
+            values = {plan.key(name): value for name, value in window.items()}
+            loss = total_of([Term(k, v) for k, v in values.items()])
+        if not self._finite(loss, values, step, plan):
+            return self._drop_update(step, values)
         if step.clip_grad_norm is not None:
             for opt in step.optimizers:
                 self.precision.unscale(opt)
-            torch.nn.utils.clip_grad_norm_(params, step.clip_grad_norm)
-        for opt in step.optimizers:
-            self.precision.step(opt)
-        self.precision.update()
+            torch.nn.utils.clip_grad_norm_(plan.trainable(), step.clip_grad_norm)
+        if self.precision.scaler is None:
+            for opt in step.optimizers:
+                opt.step()
+        else:
+            for opt in step.optimizers:
+                self.precision.step(opt)
+            self.precision.update()
         for schedule in plan.update_schedules:
             schedule.step()
-        return {plan.key(name): value for name, value in values.items()}
+        return values
 
     def _forward(self, step: Step, batch: Any) -> list[Term]:
-        with self.precision.autocast():
+        if self.precision.dtype is None:  # float32: no autocast context to enter
             out, added = collect_added(step.loss, batch)
+        else:
+            with self.precision.autocast():
+                out, added = collect_added(step.loss, batch)
         terms = parse_loss(out, step.name)
         if added:  # add_loss values from the models' forward passes
             if any(t.name == AUX for t in terms):
@@ -407,33 +434,37 @@ class Trainer:
         for schedule in plan.update_schedules:
             schedule.step()
         terms = parse_loss(check_result(out, step.name), step.name) if out is not None else []
-        values = {t.name: t.value.detach() for t in terms}
-        if values and self.on_nonfinite == "raise":
-            self._finite(values, step, [])  # a custom update has stepped already: report only
-        return {plan.key(name): value for name, value in values.items()}
+        values = {plan.key(t.name): t.value.detach() for t in terms}
+        if values and self.on_nonfinite == "raise":  # it has stepped already: report only
+            self._finite(total_of([Term(k, v) for k, v in values.items()]), values, step, None)
+        return values
 
-    def _finite(self, values: dict[str, torch.Tensor], step: Step, params: list[torch.Tensor]) -> bool:
-        """False when the update must be dropped (skip/stop); raises under on_nonfinite="raise"."""
+    def _finite(self, loss: torch.Tensor, values: dict[str, torch.Tensor], step: Step, plan: _Plan | None) -> bool:
+        """False when the update must be dropped (skip/stop); raises under on_nonfinite="raise".
+
+        ``loss`` is the update's total: NaN or inf in any term shows in it, so one read suffices.
+        """
         if self.on_nonfinite == "raise":
             # Reading a CUDA value stalls the host: there, check every _FINITE_CHECK_EVERY updates
             # (a NaN in the weights shows in every later loss, so it is still caught).
-            if self.device.type == "cpu" or self.updates % _FINITE_CHECK_EVERY == 0:
-                check_finite([Term(name, v) for name, v in values.items()], step.name, self.updates + 1)
+            if (self._host_reads or self.updates % _FINITE_CHECK_EVERY == 0) and not math.isfinite(loss.item()):
+                check_finite([Term(k.split("/", 1)[1], v) for k, v in values.items()], step.name, self.updates + 1)
+                check_finite([Term("loss", loss)], step.name, self.updates + 1)  # e.g. inf - inf
             return True
-        flags = [torch.isfinite(v).all() for v in values.values()]
-        grads = [p.grad for p in params if p.grad is not None]
+        flags = [torch.isfinite(loss)]
+        grads = [p.grad for p in plan.params if p.grad is not None] if plan is not None else []
         if grads and self.precision.scaler is None:  # under float16 the loss scaler handles overflow
             flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
         return bool(torch.stack(flags).all())
 
-    def _drop_update(self, step: Step, plan: _Plan, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _drop_update(self, step: Step, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Leave weights and optimizer state as they were; count the skip or stop the run."""
         for opt in step.optimizers:
             opt.zero_grad(set_to_none=True)
         self.skipped += 1
         if self.on_nonfinite == "stop":
             self.stop("nonfinite")
-        return {plan.key(name): value for name, value in values.items()}
+        return values
 
     def _end_epoch(self, val_data: Iterable | None, val_step: Callable | None) -> None:
         self._in_epoch = False

@@ -31,12 +31,13 @@ class Stream:
     are exactly those the interrupted run would have seen.
     """
 
-    __slots__ = ("name", "iterable", "device", "iterator", "consumed", "exhausted", "rng_start", "rng_first")
+    __slots__ = ("name", "iterable", "device", "on_cpu", "iterator", "consumed", "exhausted", "rng_start", "rng_first")
 
     def __init__(self, name: str, iterable: Iterable, device: torch.device) -> None:
         self.name = name
         self.iterable = iterable
         self.device = device
+        self.on_cpu = device.type == "cpu"  # batches stay where the loader put them
         self.iterator: Iterator | None = None
         self.consumed = 0
         self.exhausted = False
@@ -71,7 +72,7 @@ class Stream:
                     f"Data stream {self.name!r} yielded no batch. Pass a non-empty iterable for it."
                 ) from None
         self.consumed += 1
-        return batch if self.device.type == "cpu" else move(batch, self.device)
+        return batch if self.on_cpu else move(batch, self.device)
 
     def take(self, n: int) -> list[Any]:
         """Up to ``n`` batches; fewer (maybe none) when the "train" stream runs out."""
@@ -118,7 +119,7 @@ class Stream:
             for _ in range(skip):
                 next(self.iterator)
         kept = [next(self.iterator) for _ in range(keep)]
-        if self.device.type != "cpu":
+        if not self.on_cpu:
             kept = [move(b, self.device) for b in kept]
         self.consumed = consumed
         self.exhausted = state["exhausted"]
