@@ -45,7 +45,7 @@ def checkpoints(directory: str | Path) -> list[Path]:
     if not directory.is_dir():
         return []
     found = [p for p in directory.iterdir() if _NAME.match(p.name)]
-    return sorted(found, key=lambda p: (int(_NAME.match(p.name).group(1)), p.name))
+    return sorted(found, key=lambda p: tuple(int(g or -1) for g in _NAME.match(p.name).groups()))
 
 
 def latest(directory: str | Path) -> Path | None:
@@ -79,6 +79,7 @@ def save(state: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, "state": state}, f)
             f.flush()
@@ -91,6 +92,20 @@ def save(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def _corrupt(path: Path, detail: str) -> ValueError:
+    return ValueError(
+        f"Checkpoint {str(path)!r} is truncated or corrupt and cannot be read ({detail}). "
+        "Resume from an earlier checkpoint in the same folder."
+    )
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The line of torch's message that names what was refused, without colour codes or advice."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    named = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    return (named or lines or ["no detail"])[0][:200]
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save`, without ever running pickled code."""
     path = Path(path)
@@ -99,20 +114,19 @@ def load(path: str | Path) -> dict[str, Any]:
             f"Checkpoint not found. Received: path={str(path)!r}. "
             "Pass a file written by trainflow.callbacks.Checkpoint, or resume='latest'."
         )
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged
+        raise _corrupt(path, "not a zip archive")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(
             f"Checkpoint {str(path)!r} was refused: loading it would run pickled code or build objects "
-            f"other than tensors and plain containers ({str(error).splitlines()[0][:200]}). "
+            f"other than tensors and plain containers ({_unpickler_reason(error)}). "
             "trainflow never loads such files; re-create the checkpoint with trainflow."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise ValueError(
-            f"Checkpoint {str(path)!r} is truncated or corrupt and cannot be read "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else 'no detail'}). "
-            "Resume from an earlier checkpoint in the same folder."
-        ) from None
+        detail = str(error).splitlines()[0][:200] if str(error) else "no detail"
+        raise _corrupt(path, f"{type(error).__name__}: {detail}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or "state" not in obj:
         raise ValueError(
             f"{str(path)!r} is not a trainflow checkpoint (expected a file written by trainflow.checkpoint.save, "

@@ -604,6 +604,7 @@ class Trainer:
                 "last_stream": self._last_stream,
                 "last_batches": len(self._last_batches),
                 "epoch_losses": {k: torch.stack(v) for k, v in self._epoch_losses.items() if v},
+                "logs": dict(self.logs),
                 "rng": rng.capture(),
             },
         }
@@ -625,6 +626,14 @@ class Trainer:
         for part, mine in (("optimizers", self.optimizers), ("schedulers", self._schedulers())):
             if sorted(state[part]) != sorted(mine):
                 problems.append(f"{part}: the state has {sorted(state[part])}, this trainer has {sorted(mine)}")
+        if not problems:
+            for name, opt in self.optimizers.items():
+                mine = [len(g["params"]) for g in opt.param_groups]
+                saved = [len(g["params"]) for g in state["optimizers"][name]["param_groups"]]
+                if mine != saved:
+                    problems.append(
+                        f"optimizer {name!r} has parameter groups of {mine} parameter(s), the state {saved}"
+                    )
         if problems:
             raise ValueError(
                 "The state does not fit this trainer: " + "; ".join(problems) + ". Load a state saved by a "
@@ -647,6 +656,7 @@ class Trainer:
         self.updates = int(loop["updates"])
         self.skipped = int(loop.get("skipped", 0))
         self._epoch_losses = {k: list(v.unbind()) for k, v in loop.get("epoch_losses", {}).items()}
+        self.logs = dict(loop.get("logs", {}))
         self._in_epoch = False
         self._resume_loop = dict(loop)
 
@@ -686,11 +696,11 @@ class Trainer:
         self.load_state_dict(checkpoint.load(path))
 
     def _stateful_callbacks(self) -> dict[str, Any]:
-        return {
-            f"{i}:{type(cb).__name__}": cb
-            for i, cb in enumerate(self.events.callbacks)
+        stateful = [
+            cb for cb in self.events.callbacks
             if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))
-        }
+        ]  # keyed by position among stateful callbacks: adding a stateless one changes nothing
+        return {f"{i}:{type(cb).__name__}": cb for i, cb in enumerate(stateful)}
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Every parameter of the models, named as in ``describe()`` (``"<model>.<name>"`` for a dict)."""

@@ -6,11 +6,13 @@
   losses every N updates) to ``<out_dir>/metrics.csv``, ``metrics.jsonl``, ``tensorboard/``.
 - :class:`EarlyStopping`: stop when a monitored epoch value stops improving.
 - :class:`Freeze`, :class:`Unfreeze`: change which parameters train when a given epoch starts.
+- :class:`Checkpoint`: atomic checkpoints every N updates / epochs, the last K and the best K.
 
 Loss values arrive as device tensors; every callback reads them only when it writes them, so
 a CUDA run does not wait on the device at each update.
 """
 
+from trainflow.callbacks.checkpoint import Checkpoint
 from trainflow.callbacks.csv_logger import CSVLogger
 from trainflow.callbacks.early_stopping import EarlyStopping
 from trainflow.callbacks.freezing import Freeze, Unfreeze
@@ -21,6 +23,7 @@ from trainflow.callbacks.tensorboard_logger import TensorBoardLogger
 
 __all__ = [
     "CSVLogger",
+    "Checkpoint",
     "EarlyStopping",
     "Freeze",
     "JSONLLogger",

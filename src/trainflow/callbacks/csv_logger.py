@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ class CSVLogger:
     cells are empty). Each write goes to a temporary file in the same folder that then
     replaces the CSV, so a reader never sees half a file. Several ``fit`` calls of one trainer
     add to the same rows; a file left by another run at that path is replaced.
+
+    The rows are part of ``state_dict``, so they are saved in checkpoints: a run resumed with
+    ``fit(..., resume=...)`` rewrites the file with the rows up to the checkpoint and goes on
+    adding to them (rows a killed process wrote after its last checkpoint are replaced).
 
     Args:
         path: the CSV file (default: ``<trainer.out_dir>/metrics.csv``).
@@ -53,10 +58,14 @@ class CSVLogger:
         self._file: Path | None = None  # where the rows are written
         self._columns: dict[str, None] = dict.fromkeys(FIRST_COLUMNS)  # an ordered set
         self._epoch_start = time.monotonic()
+        self._restored = False  # rows came from load_state_dict: keep them at the next fit
 
     def on_fit_start(self, trainer: Any) -> None:
         file = output_path("CSVLogger", "path", self.path, trainer, "metrics.csv")
-        if file != self._file:  # a new file (another trainer's out_dir): new rows
+        if self._restored:  # a resumed run: its rows so far, in the file it writes
+            self._file, self._restored = file, False
+            self._write()
+        elif file != self._file:  # a new file (another trainer's out_dir): new rows
             self._file, self.rows, self._columns = file, [], dict.fromkeys(FIRST_COLUMNS)
         self._epoch_start = time.monotonic()
 
@@ -69,6 +78,22 @@ class CSVLogger:
         self.rows.append(row)
         self._columns.update(dict.fromkeys(row))
         self._write()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rows so far and the columns in their order (plain numbers and strings)."""
+        return {"rows": [dict(row) for row in self.rows], "columns": list(self._columns)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the next ``fit`` rewrites the file with these rows."""
+        if not isinstance(state, Mapping) or not {"rows", "columns"} <= set(state):
+            keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(
+                "CSVLogger.load_state_dict: `state` must be a dict with 'rows' and 'columns', "
+                f"as returned by state_dict(). Received: {keys}."
+            )
+        self.rows = [dict(row) for row in state["rows"]]
+        self._columns = dict.fromkeys(state["columns"])
+        self._restored = True
 
     def _write(self) -> None:
         file = self._file

@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import CSVLogger, LossLogger, ProgressBar
+from trainflow.callbacks import Checkpoint, CSVLogger, LossLogger, ProgressBar
 from trainflow.examples.artifacts import epochs_or_default, finish
 from trainflow.examples.two_losses import LR, TaylorNet, real_function_data
 
@@ -24,8 +24,14 @@ DESCRIPTION = "TaylorNet on y = sin(x): an MSE update then an L1 update, one sha
 EPOCHS = 3
 
 
-def run(out_dir: Path, epochs: int | None = None, progress: bool = True, seed: int = 0) -> dict[str, float]:
-    """Alternate MSE and L1 updates; write metrics.csv, curves.png and weights.pt under ``out_dir``."""
+def run(
+    out_dir: Path, epochs: int | None = None, progress: bool = True, seed: int = 0, resume: bool = False
+) -> dict[str, float]:
+    """Alternate MSE and L1 updates; write metrics.csv, curves.png and weights.pt under ``out_dir``.
+
+    A checkpoint is saved after every epoch in ``out_dir/checkpoints``; ``resume=True``
+    continues from the newest one there (a fresh start when there is none).
+    """
     out_dir, epochs = Path(out_dir), epochs_or_default(epochs, EPOCHS)
     torch.manual_seed(seed)
     data = real_function_data(seed=seed)
@@ -40,7 +46,7 @@ def run(out_dir: Path, epochs: int | None = None, progress: bool = True, seed: i
         x, y = batch
         return F.l1_loss(model(x), y)
 
-    csv = CSVLogger()
+    saving = [CSVLogger(), Checkpoint(every_epochs=1)]  # Checkpoint after CSVLogger: it saves the CSV rows
     # the seed's print_func: each loss on its own (each key holds its step's latest update)
     logger = LossLogger(
         every=25, print_func=lambda x: print(f"L1 Loss: {x['l1/loss']:.4f}  MSE Loss: {x['mse/loss']:.4f}")
@@ -48,8 +54,10 @@ def run(out_dir: Path, epochs: int | None = None, progress: bool = True, seed: i
     trainer = Trainer(
         model,
         [Step(mse, optimizer, name="mse"), Step(l1, optimizer, name="l1")],
-        callbacks=[csv, logger, ProgressBar()] if progress else [csv, logger],
+        callbacks=[*saving, logger, ProgressBar()] if progress else [*saving, logger],
         out_dir=out_dir,
     )
-    trainer.fit(data, epochs=epochs)
+    trainer.fit(data, epochs=epochs, resume="latest" if resume else None)
+    if trainer.stop_reason == "signal":  # interrupted: the checkpoint holds the run; artifacts come at its end
+        return dict(trainer.logs)
     return finish(out_dir, trainer)

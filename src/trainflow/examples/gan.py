@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import CSVLogger, ProgressBar
+from trainflow.callbacks import Checkpoint, CSVLogger, ProgressBar
 from trainflow.data import digits
 from trainflow.examples.artifacts import epochs_or_default, finish
 
@@ -60,8 +60,14 @@ def save_samples(generator: nn.Module, noise: torch.Tensor, png_path: str | Path
     return png_path
 
 
-def run(out_dir: Path, epochs: int | None = None, progress: bool = True, seed: int = 0) -> dict[str, float]:
-    """Train the GAN; write metrics.csv, curves.png, weights.pt and samples.png under ``out_dir``."""
+def run(
+    out_dir: Path, epochs: int | None = None, progress: bool = True, seed: int = 0, resume: bool = False
+) -> dict[str, float]:
+    """Train the GAN; write metrics.csv, curves.png, weights.pt and samples.png under ``out_dir``.
+
+    A checkpoint is saved after every epoch in ``out_dir/checkpoints``; ``resume=True``
+    continues from the newest one there (a fresh start when there is none).
+    """
     out_dir, epochs = Path(out_dir), epochs_or_default(epochs, EPOCHS)
     torch.manual_seed(seed)
     train, _ = digits(batch_size=64, seed=seed)
@@ -84,14 +90,16 @@ def run(out_dir: Path, epochs: int | None = None, progress: bool = True, seed: i
         fake = generator(torch.randn(len(real), LATENT, device=real.device))
         return F.binary_cross_entropy_with_logits(discriminator(fake), torch.zeros(len(real), 1, device=real.device))
 
-    csv = CSVLogger()
+    saving = [CSVLogger(), Checkpoint(every_epochs=1)]  # Checkpoint after CSVLogger: it saves the CSV rows
     trainer = Trainer(
         {"G": generator, "D": discriminator},
         [Step(d_loss, d_opt, name="D", repeat=3), Step(g_loss, g_opt, name="G")],
-        callbacks=[csv, ProgressBar()] if progress else [csv],
+        callbacks=[*saving, ProgressBar()] if progress else saving,
         out_dir=out_dir,
     )
-    trainer.fit(train, epochs=epochs)
+    trainer.fit(train, epochs=epochs, resume="latest" if resume else None)
+    if trainer.stop_reason == "signal":  # interrupted: the checkpoint holds the run; artifacts come at its end
+        return dict(trainer.logs)
     # the same noise for every run of a seed, drawn from its own generator (not the global RNG)
     noise = torch.randn(64, LATENT, generator=torch.Generator().manual_seed(seed)).to(trainer.device)
     save_samples(generator, noise, out_dir / "samples.png")

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import CSVLogger, ProgressBar
+from trainflow.callbacks import Checkpoint, CSVLogger, ProgressBar
 from trainflow.data import digits
 from trainflow.examples.artifacts import epochs_or_default, finish
 
@@ -26,8 +26,14 @@ DESCRIPTION = "MLP 64-64-64-10 on 8x8 digits with SGD, train/val accuracy (seed 
 EPOCHS = 20
 
 
-def run(out_dir: Path, epochs: int | None = None, progress: bool = True, seed: int = 0) -> dict[str, float]:
-    """Train the MLP; write metrics.csv, curves.png and weights.pt under ``out_dir``."""
+def run(
+    out_dir: Path, epochs: int | None = None, progress: bool = True, seed: int = 0, resume: bool = False
+) -> dict[str, float]:
+    """Train the MLP; write metrics.csv, curves.png and weights.pt under ``out_dir``.
+
+    A checkpoint is saved after every epoch in ``out_dir/checkpoints``; ``resume=True``
+    continues from the newest one there (a fresh start when there is none).
+    """
     out_dir, epochs = Path(out_dir), epochs_or_default(epochs, EPOCHS)
     torch.manual_seed(seed)
     train, val = digits(batch_size=64, seed=seed)
@@ -50,13 +56,15 @@ def run(out_dir: Path, epochs: int | None = None, progress: bool = True, seed: i
         val_acc.update(logits, y)
         return F.cross_entropy(logits, y)
 
-    csv = CSVLogger()
+    saving = [CSVLogger(), Checkpoint(every_epochs=1)]  # Checkpoint after CSVLogger: it saves the CSV rows
     trainer = Trainer(
         model,
         Step(train_loss, optimizer, name="train"),  # logs "train/loss" beside "train/acc"
         metrics={"train/acc": train_acc, "val/acc": val_acc},
-        callbacks=[csv, ProgressBar()] if progress else [csv],
+        callbacks=[*saving, ProgressBar()] if progress else saving,
         out_dir=out_dir,
     )
-    trainer.fit(train, epochs=epochs, val_data=val, val_step=val_step)
+    trainer.fit(train, epochs=epochs, val_data=val, val_step=val_step, resume="latest" if resume else None)
+    if trainer.stop_reason == "signal":  # interrupted: the checkpoint holds the run; artifacts come at its end
+        return dict(trainer.logs)
     return finish(out_dir, trainer)

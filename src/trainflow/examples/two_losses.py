@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import CSVLogger, LossLogger, ProgressBar
+from trainflow.callbacks import Checkpoint, CSVLogger, LossLogger, ProgressBar
 from trainflow.examples.artifacts import epochs_or_default, finish
 
 __all__ = ["DESCRIPTION", "EPOCHS", "LR", "TaylorNet", "real_function_data", "run"]
@@ -61,8 +61,14 @@ def real_function_data(n: int = 10000, batch_size: int = 128, seed: int = 0) -> 
     return DataLoader(TensorDataset(x, torch.sin(x)), batch_size=batch_size, shuffle=True)
 
 
-def run(out_dir: Path, epochs: int | None = None, progress: bool = True, seed: int = 0) -> dict[str, float]:
-    """Train TaylorNet on both losses; write metrics.csv, curves.png and weights.pt under ``out_dir``."""
+def run(
+    out_dir: Path, epochs: int | None = None, progress: bool = True, seed: int = 0, resume: bool = False
+) -> dict[str, float]:
+    """Train TaylorNet on both losses; write metrics.csv, curves.png and weights.pt under ``out_dir``.
+
+    A checkpoint is saved after every epoch in ``out_dir/checkpoints``; ``resume=True``
+    continues from the newest one there (a fresh start when there is none).
+    """
     out_dir, epochs = Path(out_dir), epochs_or_default(epochs, EPOCHS)
     torch.manual_seed(seed)
     data = real_function_data(seed=seed)
@@ -74,14 +80,16 @@ def run(out_dir: Path, epochs: int | None = None, progress: bool = True, seed: i
         p = model(x)
         return {"mse": F.mse_loss(p, y), "l1": F.l1_loss(p, y)}
 
-    csv = CSVLogger()
+    saving = [CSVLogger(), Checkpoint(every_epochs=1)]  # Checkpoint after CSVLogger: it saves the CSV rows
     # the seed's print_func: the sum of the two losses
     logger = LossLogger(every=25, print_func=lambda x: print(f"Train Loss: {x['loss/mse'] + x['loss/l1']:.4f}"))
     trainer = Trainer(
         model,
         Step(both, optimizer, name="loss"),  # logs "loss/mse" and "loss/l1"
-        callbacks=[csv, logger, ProgressBar()] if progress else [csv, logger],
+        callbacks=[*saving, logger, ProgressBar()] if progress else [*saving, logger],
         out_dir=out_dir,
     )
-    trainer.fit(data, epochs=epochs)
+    trainer.fit(data, epochs=epochs, resume="latest" if resume else None)
+    if trainer.stop_reason == "signal":  # interrupted: the checkpoint holds the run; artifacts come at its end
+        return dict(trainer.logs)
     return finish(out_dir, trainer)
