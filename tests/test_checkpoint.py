@@ -662,7 +662,7 @@ def test_a_full_disk_during_fit_raises_and_keeps_the_folder_as_it_was(tmp_path, 
 
 def test_cli_resume_after_a_signal_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     from trainflow.cli import main
-    from trainflow.examples import two_losses
+    from trainflow.examples import artifacts
 
     class SignalAt100(Checkpoint):  # a real SIGTERM to this process at update 100 (epoch 2 of 3)
         def on_update_end(self, trainer, step, losses):
@@ -672,7 +672,7 @@ def test_cli_resume_after_a_signal_ends_like_an_uninterrupted_run(tmp_path, monk
 
     out = tmp_path / "run"
     argv = ["run", "two-losses", "--epochs", "3", "--out", str(out), "--no-progress"]
-    monkeypatch.setattr(two_losses, "Checkpoint", SignalAt100)
+    monkeypatch.setattr(artifacts, "Checkpoint", SignalAt100)  # the examples' callbacks come from there
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert re.search(

@@ -14,8 +14,8 @@ import torch
 from torch.nn import functional as F
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import Checkpoint, CSVLogger, LossLogger, ProgressBar
-from trainflow.examples.artifacts import epochs_or_default, finish
+from trainflow.callbacks import LossLogger
+from trainflow.examples.artifacts import epochs_or_default, finish, run_callbacks
 from trainflow.examples.two_losses import LR, TaylorNet, real_function_data
 
 __all__ = ["DESCRIPTION", "EPOCHS", "run"]
@@ -46,7 +46,6 @@ def run(
         x, y = batch
         return F.l1_loss(model(x), y)
 
-    saving = [CSVLogger(), Checkpoint(every_epochs=1)]  # Checkpoint after CSVLogger: it saves the CSV rows
     # the seed's print_func: each loss on its own (each key holds its step's latest update)
     logger = LossLogger(
         every=25, print_func=lambda x: print(f"L1 Loss: {x['l1/loss']:.4f}  MSE Loss: {x['mse/loss']:.4f}")
@@ -54,10 +53,8 @@ def run(
     trainer = Trainer(
         model,
         [Step(mse, optimizer, name="mse"), Step(l1, optimizer, name="l1")],
-        callbacks=[*saving, logger, ProgressBar()] if progress else [*saving, logger],
+        callbacks=run_callbacks(progress, logger),
         out_dir=out_dir,
     )
     trainer.fit(data, epochs=epochs, resume="latest" if resume else None)
-    if trainer.stop_reason == "signal":  # interrupted: the checkpoint holds the run; artifacts come at its end
-        return dict(trainer.logs)
     return finish(out_dir, trainer)

@@ -10,12 +10,14 @@ import csv
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
+from trainflow.callbacks import Checkpoint, CSVLogger, ProgressBar
 from trainflow.trainer import Trainer
 
 __all__ = ["epochs_or_default", "finish", "is_loss", "plot_curves", "save_weights"]
@@ -147,8 +149,24 @@ def save_weights(models: Mapping[str, nn.Module], path: str | Path) -> Path:
     return path
 
 
+def run_callbacks(progress: bool, *extra: Any) -> list[Any]:
+    """The callbacks every example uses: CSVLogger, then Checkpoint (after it, so a checkpoint
+    holds the CSV rows), then ``extra``, then a progress bar when ``progress``."""
+    return [CSVLogger(), Checkpoint(every_epochs=1), *extra, *([ProgressBar()] if progress else [])]
+
+
+def interrupted(trainer: Trainer) -> bool:
+    """True when a signal stopped the run: the checkpoint holds it; artifacts come at its end."""
+    return trainer.stop_reason == "signal"
+
+
 def finish(out_dir: str | Path, trainer: Trainer) -> dict[str, float]:
-    """Write ``curves.png`` (from ``metrics.csv``) and ``weights.pt``; return the last epoch's logs."""
+    """Write ``curves.png`` (from ``metrics.csv``) and ``weights.pt``; return the last epoch's logs.
+
+    An interrupted run writes nothing (its epoch may not have ended) and returns its logs so far.
+    """
+    if interrupted(trainer):
+        return dict(trainer.logs)
     out_dir = Path(out_dir)
     plot_curves(out_dir / "metrics.csv", out_dir / "curves.png")
     save_weights(trainer.models, out_dir / "weights.pt")

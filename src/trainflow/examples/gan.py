@@ -16,9 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import Checkpoint, CSVLogger, ProgressBar
 from trainflow.data import digits
-from trainflow.examples.artifacts import epochs_or_default, finish
+from trainflow.examples.artifacts import epochs_or_default, finish, interrupted, run_callbacks
 
 __all__ = ["DESCRIPTION", "EPOCHS", "run", "save_samples"]
 
@@ -90,15 +89,14 @@ def run(
         fake = generator(torch.randn(len(real), LATENT, device=real.device))
         return F.binary_cross_entropy_with_logits(discriminator(fake), torch.zeros(len(real), 1, device=real.device))
 
-    saving = [CSVLogger(), Checkpoint(every_epochs=1)]  # Checkpoint after CSVLogger: it saves the CSV rows
     trainer = Trainer(
         {"G": generator, "D": discriminator},
         [Step(d_loss, d_opt, name="D", repeat=3), Step(g_loss, g_opt, name="G")],
-        callbacks=[*saving, ProgressBar()] if progress else saving,
+        callbacks=run_callbacks(progress),
         out_dir=out_dir,
     )
     trainer.fit(train, epochs=epochs, resume="latest" if resume else None)
-    if trainer.stop_reason == "signal":  # interrupted: the checkpoint holds the run; artifacts come at its end
+    if interrupted(trainer):
         return dict(trainer.logs)
     # the same noise for every run of a seed, drawn from its own generator (not the global RNG)
     noise = torch.randn(64, LATENT, generator=torch.Generator().manual_seed(seed)).to(trainer.device)

@@ -15,9 +15,8 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import Checkpoint, CSVLogger, ProgressBar
 from trainflow.data import digits
-from trainflow.examples.artifacts import epochs_or_default, finish
+from trainflow.examples.artifacts import epochs_or_default, finish, run_callbacks
 
 __all__ = ["DESCRIPTION", "EPOCHS", "run"]
 
@@ -56,15 +55,12 @@ def run(
         val_acc.update(logits, y)
         return F.cross_entropy(logits, y)
 
-    saving = [CSVLogger(), Checkpoint(every_epochs=1)]  # Checkpoint after CSVLogger: it saves the CSV rows
     trainer = Trainer(
         model,
         Step(train_loss, optimizer, name="train"),  # logs "train/loss" beside "train/acc"
         metrics={"train/acc": train_acc, "val/acc": val_acc},
-        callbacks=[*saving, ProgressBar()] if progress else saving,
+        callbacks=run_callbacks(progress),
         out_dir=out_dir,
     )
     trainer.fit(train, epochs=epochs, val_data=val, val_step=val_step, resume="latest" if resume else None)
-    if trainer.stop_reason == "signal":  # interrupted: the checkpoint holds the run; artifacts come at its end
-        return dict(trainer.logs)
     return finish(out_dir, trainer)

@@ -16,8 +16,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import Checkpoint, CSVLogger, LossLogger, ProgressBar
-from trainflow.examples.artifacts import epochs_or_default, finish
+from trainflow.callbacks import LossLogger
+from trainflow.examples.artifacts import epochs_or_default, finish, run_callbacks
 
 __all__ = ["DESCRIPTION", "EPOCHS", "LR", "TaylorNet", "real_function_data", "run"]
 
@@ -80,16 +80,13 @@ def run(
         p = model(x)
         return {"mse": F.mse_loss(p, y), "l1": F.l1_loss(p, y)}
 
-    saving = [CSVLogger(), Checkpoint(every_epochs=1)]  # Checkpoint after CSVLogger: it saves the CSV rows
     # the seed's print_func: the sum of the two losses
     logger = LossLogger(every=25, print_func=lambda x: print(f"Train Loss: {x['loss/mse'] + x['loss/l1']:.4f}"))
     trainer = Trainer(
         model,
         Step(both, optimizer, name="loss"),  # logs "loss/mse" and "loss/l1"
-        callbacks=[*saving, logger, ProgressBar()] if progress else [*saving, logger],
+        callbacks=run_callbacks(progress, logger),
         out_dir=out_dir,
     )
     trainer.fit(data, epochs=epochs, resume="latest" if resume else None)
-    if trainer.stop_reason == "signal":  # interrupted: the checkpoint holds the run; artifacts come at its end
-        return dict(trainer.logs)
     return finish(out_dir, trainer)
