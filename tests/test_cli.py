@@ -46,8 +46,8 @@ def test_default_out_dir_and_progress(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["run", "nope"], "invalid choice: 'nope' (choose from 'mlp', 'two-losses', 'alternating', 'gan')"),
-        (["run"], "name an example to run (one of: mlp, two-losses, alternating, gan), or pass --list."),
+        (["run", "nope"], "invalid choice: 'nope' (choose from 'mlp', 'two-losses', 'alternating', 'gan', 'dcgan', 'wgan-gp')"),
+        (["run"], "name an example to run (one of: mlp, two-losses, alternating, gan, dcgan, wgan-gp), or pass --list."),
         (["run", "mlp", "--epochs", "0"], "argument --epochs: must be >= 1. Received: 0."),
         (["run", "mlp", "--epochs", "two"], "argument --epochs: must be a whole number. Received: 'two'."),
         (["run", "mlp", "--seed", "-3"], "argument --seed: must be >= 0. Received: -3."),

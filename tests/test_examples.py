@@ -22,7 +22,14 @@ EXPECTED = {
     "two-losses": ({"loss/mse", "loss/l1"}, {"model"}, ()),
     "alternating": ({"mse/loss", "l1/loss"}, {"model"}, ()),
     "gan": ({"D/loss", "G/loss"}, {"G", "D"}, ("samples.png",)),
+    "dcgan": ({"D/loss", "G/loss", "val/confidence", "val/entropy"}, {"G", "D", "G_ema"}, ("samples.png",)),
+    "wgan-gp": (
+        {"D/fake", "D/real", "D/penalty", "G/loss", "val/confidence", "val/entropy"}, {"G", "D"}, ("samples.png",)
+    ),
 }
+#: the epoch values that are metrics (the right panel of curves.png), not losses
+METRICS = {"mlp": {"train/acc", "val/acc"}, "dcgan": {"val/confidence", "val/entropy"},
+           "wgan-gp": {"val/confidence", "val/entropy"}}
 COMMON = ("metrics.csv", "curves.png", "weights.pt")
 
 
@@ -42,7 +49,7 @@ def one_epoch(tmp_path_factory) -> dict[str, tuple[Path, dict[str, float]]]:
 
 
 def test_registry():
-    assert list(EXAMPLES) == ["mlp", "two-losses", "alternating", "gan"]
+    assert list(EXAMPLES) == ["mlp", "two-losses", "alternating", "gan", "dcgan", "wgan-gp"]
     for name, (description, run) in EXAMPLES.items():
         assert isinstance(description, str) and description and "\n" not in description, name
         assert callable(run)
@@ -60,7 +67,7 @@ def test_one_epoch_writes_artifacts(one_epoch, name):
     keys, models, extra = EXPECTED[name]
     assert set(logs) == keys and all(math.isfinite(v) for v in logs.values())
     # curves.png: every loss in the losses panel, accuracies in the metrics panel
-    assert {k for k in keys if not is_loss(k)} == ({"train/acc", "val/acc"} if name == "mlp" else set())
+    assert {k for k in keys if not is_loss(k)} == METRICS.get(name, set())
     for file in (*COMMON, *extra):
         assert (out / file).is_file() and (out / file).stat().st_size > 0, file
     for png in ("curves.png", *extra):
@@ -77,7 +84,7 @@ def test_one_epoch_writes_artifacts(one_epoch, name):
 def test_updates_per_epoch(one_epoch):
     updates = {name: int(read_rows(out / "metrics.csv")[0]["updates"]) for name, (out, _) in one_epoch.items()}
     # 1438 digits in batches of 64 -> 23; 10000 points in batches of 128 -> 79 (all steps together)
-    assert updates == {"mlp": 23, "two-losses": 79, "alternating": 79, "gan": 23}
+    assert updates == {"mlp": 23, "two-losses": 79, "alternating": 79, "gan": 23, "dcgan": 90, "wgan-gp": 54}
 
 
 def test_mlp_default_reaches_95_percent(tmp_path):

@@ -6,6 +6,7 @@
   losses every N updates) to ``<out_dir>/metrics.csv``, ``metrics.jsonl``, ``tensorboard/``.
 - :class:`EarlyStopping`: stop when a monitored epoch value stops improving.
 - :class:`Freeze`, :class:`Unfreeze`: change which parameters train when a given epoch starts.
+- :class:`SampleGrid`: a generator's images for a fixed noise as a PNG grid, every N updates.
 - :class:`Checkpoint`: atomic checkpoints every N updates / epochs, the last K and the best K.
 
 Loss values arrive as device tensors; every callback reads them only when it writes them, so
@@ -19,6 +20,7 @@ from trainflow.callbacks.freezing import Freeze, Unfreeze
 from trainflow.callbacks.jsonl_logger import JSONLLogger
 from trainflow.callbacks.loss_logger import LossLogger
 from trainflow.callbacks.progress_bar import ProgressBar
+from trainflow.callbacks.samples import SampleGrid
 from trainflow.callbacks.tensorboard_logger import TensorBoardLogger
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "JSONLLogger",
     "LossLogger",
     "ProgressBar",
+    "SampleGrid",
     "TensorBoardLogger",
     "Unfreeze",
 ]

@@ -270,6 +270,7 @@ class Checkpoint:
             ],
         }
         fd, tmp = tempfile.mkstemp(prefix=f".{INDEX}.", suffix=".tmp", dir=self._folder)
+        os.fchmod(fd, 0o644)  # readable like the checkpoints it lists
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
