@@ -53,13 +53,18 @@ SAMPLE_EVERY_EPOCHS = 10
 QUALITY_SAMPLES = 1000
 
 
-def build_discriminator(width: int = 32) -> nn.Module:
-    """Keras' discriminator for ``(n, 1, 8, 8)`` images: conv, conv, global max pool, one logit."""
+def build_discriminator(width: int = 32, spectral: bool = True) -> nn.Module:
+    """Keras' discriminator for ``(n, 1, 8, 8)`` images: conv, conv, global max pool, one logit.
+
+    ``spectral`` wraps each layer in spectral normalisation (what keeps this DCGAN from
+    collapsing onto a few digits); the WGAN-GP critic goes without: its penalty does that job.
+    """
+    norm = spectral_norm if spectral else (lambda layer: layer)
     return nn.Sequential(
-        spectral_norm(nn.Conv2d(1, width, 3, stride=2, padding=1)), nn.LeakyReLU(0.2),           # 4x4
-        spectral_norm(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)), nn.LeakyReLU(0.2),   # 2x2
+        norm(nn.Conv2d(1, width, 3, stride=2, padding=1)), nn.LeakyReLU(0.2),           # 4x4
+        norm(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)), nn.LeakyReLU(0.2),   # 2x2
         nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-        spectral_norm(nn.Linear(2 * width, 1)),
+        norm(nn.Linear(2 * width, 1)),
     )
 
 

@@ -34,7 +34,7 @@ from trainflow import Step, Trainer
 from trainflow.callbacks import Checkpoint, CSVLogger, ProgressBar, SampleGrid
 from trainflow.data import digits
 from trainflow.examples.artifacts import epochs_or_default, finish
-from trainflow.examples.dcgan import LATENT, build_generator
+from trainflow.examples.dcgan import LATENT, build_discriminator, build_generator
 from trainflow.examples.quality import SampleQuality, digits_classifier
 
 __all__ = ["DESCRIPTION", "EPOCHS", "build_critic", "critic_losses", "gradient_penalty", "run"]
@@ -50,12 +50,7 @@ QUALITY_SAMPLES = 1000
 
 def build_critic(width: int = 32) -> nn.Module:
     """The ``dcgan`` discriminator without spectral normalisation: ``(n, 1, 8, 8)`` -> a score."""
-    return nn.Sequential(
-        nn.Conv2d(1, width, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-        nn.Linear(2 * width, 1),
-    )
+    return build_discriminator(width, spectral=False)
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
