@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import copy
-import re
 from fnmatch import fnmatchcase
 
 import pytest

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from trainflow.examples import alternating, dcgan, gan, mlp, two_losses, wgan_gp
 

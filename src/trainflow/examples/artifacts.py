@@ -149,10 +149,14 @@ def save_weights(models: Mapping[str, nn.Module], path: str | Path) -> Path:
     return path
 
 
-def run_callbacks(progress: bool, *extra: Any) -> list[Any]:
-    """The callbacks every example uses: CSVLogger, then Checkpoint (after it, so a checkpoint
-    holds the CSV rows), then ``extra``, then a progress bar when ``progress``."""
-    return [CSVLogger(), Checkpoint(every_epochs=1), *extra, *([ProgressBar()] if progress else [])]
+def run_callbacks(progress: bool, *extra: Any, first: tuple[Any, ...] = ()) -> list[Any]:
+    """The callbacks every example uses, in the order that matters.
+
+    ``first`` (callbacks that add epoch values the loggers must see), then CSVLogger, then
+    Checkpoint (after it, so a checkpoint holds the CSV rows), then ``extra``, then a progress
+    bar when ``progress``.
+    """
+    return [*first, CSVLogger(), Checkpoint(every_epochs=1), *extra, *([ProgressBar()] if progress else [])]
 
 
 def interrupted(trainer: Trainer) -> bool:

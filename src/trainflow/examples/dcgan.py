@@ -34,9 +34,9 @@ from torch.nn import functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import Checkpoint, CSVLogger, ProgressBar, SampleGrid
+from trainflow.callbacks import SampleGrid
 from trainflow.data import digits
-from trainflow.examples.artifacts import epochs_or_default, finish
+from trainflow.examples.artifacts import epochs_or_default, finish, run_callbacks
 from trainflow.examples.quality import SampleQuality, digits_classifier
 
 __all__ = ["DESCRIPTION", "EPOCHS", "WeightAverage", "build_discriminator", "build_generator", "run"]
@@ -146,20 +146,17 @@ def run(
     fixed = torch.Generator().manual_seed(seed)
     grid_noise = torch.randn(64, LATENT, generator=fixed)
     quality_noise = torch.randn(QUALITY_SAMPLES, LATENT, generator=fixed)
-    callbacks: list[Any] = [
-        WeightAverage(generator, g_ema, step="G", decay=EMA_DECAY),
-        SampleQuality(g_ema, classifier, quality_noise),  # before the loggers: they see its values
-        CSVLogger(),
-        Checkpoint(every_epochs=1),  # after CSVLogger: it saves the CSV rows
+    callbacks = run_callbacks(
+        progress,
         SampleGrid(g_ema, grid_noise, every=SAMPLE_EVERY_EPOCHS * 2 * len(train)),
-    ]
+        # before the loggers, so that they see the quality values
+        first=(WeightAverage(generator, g_ema, step="G", decay=EMA_DECAY), SampleQuality(g_ema, classifier, quality_noise)),
+    )
     trainer = Trainer(
         {"G": generator, "D": discriminator, "G_ema": g_ema},
         [Step(d_loss, d_opt, name="D"), Step(g_loss, g_opt, name="G", batch="same")],
-        callbacks=callbacks + ([ProgressBar()] if progress else []),
+        callbacks=callbacks,
         out_dir=out_dir,
     )
     trainer.fit(train, epochs=epochs, resume="latest" if resume else None)
-    if trainer.stop_reason == "signal":  # interrupted: the checkpoint holds the run; artifacts come at its end
-        return dict(trainer.logs)
     return finish(out_dir, trainer)

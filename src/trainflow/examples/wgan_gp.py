@@ -25,15 +25,14 @@ and ``samples.png`` at the end.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import Checkpoint, CSVLogger, ProgressBar, SampleGrid
+from trainflow.callbacks import SampleGrid
 from trainflow.data import digits
-from trainflow.examples.artifacts import epochs_or_default, finish
+from trainflow.examples.artifacts import epochs_or_default, finish, run_callbacks
 from trainflow.examples.dcgan import LATENT, build_discriminator, build_generator
 from trainflow.examples.quality import SampleQuality, digits_classifier
 
@@ -117,19 +116,16 @@ def run(
     fixed = torch.Generator().manual_seed(seed)  # fixed noise from its own generator: comparable epochs
     grid_noise = torch.randn(64, LATENT, generator=fixed)
     quality_noise = torch.randn(QUALITY_SAMPLES, LATENT, generator=fixed)
-    callbacks: list[Any] = [
-        SampleQuality(generator, classifier, quality_noise),  # before the loggers: they see its values
-        CSVLogger(),
-        Checkpoint(every_epochs=1),  # after CSVLogger: it saves the CSV rows
+    callbacks = run_callbacks(
+        progress,
         SampleGrid(generator, grid_noise, every=SAMPLE_EVERY_EPOCHS * len(train) * (N_CRITIC + 1) // N_CRITIC),
-    ]
+        first=(SampleQuality(generator, classifier, quality_noise),),  # before the loggers: they see its values
+    )
     trainer = Trainer(
         {"G": generator, "D": critic},
         [Step(losses_d, optimizer_d, name="D", repeat=N_CRITIC), Step(losses_g, optimizer_g, name="G", batch="same")],
-        callbacks=callbacks + ([ProgressBar()] if progress else []),
+        callbacks=callbacks,
         out_dir=out_dir,
     )
     trainer.fit(train, epochs=epochs, resume="latest" if resume else None)
-    if trainer.stop_reason == "signal":  # interrupted: the checkpoint holds the run; artifacts come at its end
-        return dict(trainer.logs)
     return finish(out_dir, trainer)
