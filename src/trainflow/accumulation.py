@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from trainflow.data.batch import sample_count
-from trainflow.losses import Term
+from trainflow.losses import Term, sum_forms
 
 __all__ = ["accumulate_window"]
 
@@ -31,13 +30,8 @@ def _sums(terms: list[Term], chunk: Any, step: str) -> tuple[dict[str, tuple[tor
     """Per normaliser group, the chunk's summed loss and its count; and each term's group."""
     groups: dict[str, tuple[torch.Tensor, Any]] = {}
     group_of: dict[str, str] = {}
-    n = None
-    for term in terms:
-        if term.total is None:
-            n = sample_count(chunk, step) if n is None else n
-            group, total, count = _SAMPLES, term.value * n, n
-        else:
-            group, total, count = f"Average {term.name!r}", term.total, term.count
+    for term, total, count in sum_forms(terms, chunk, step):
+        group = _SAMPLES if term.total is None else f"Average {term.name!r}"
         group_of[term.name] = group
         if group in groups:
             groups[group] = (groups[group][0] + total, count)

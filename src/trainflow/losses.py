@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from trainflow.data.batch import sample_count
+
 __all__ = ["Average", "Term", "add_loss", "parse_loss"]
 
 
@@ -105,6 +107,24 @@ def parse_loss(output: Any, step: str) -> list[Term]:
             )
         return [_term(v, step, str(k)) for k, v in output.items()]
     return [_term(output, step, "loss")]
+
+
+def sum_forms(terms: list[Term], batch: Any, step: str) -> list[tuple[Term, torch.Tensor, Any]]:
+    """Each term as (term, total, count): a mean times the batch's sample count, or an Average's parts.
+
+    Sums of these over several batches, divided by the summed counts, give the exact loss of
+    the batches taken together (accumulation windows, validation). The sample count is read
+    from the batch only when a mean term needs it.
+    """
+    n = None
+    forms = []
+    for term in terms:
+        if term.total is None:
+            n = sample_count(batch, step) if n is None else n
+            forms.append((term, term.value * n, n))
+        else:
+            forms.append((term, term.total, term.count))
+    return forms
 
 
 def total_of(terms: list[Term]) -> torch.Tensor:

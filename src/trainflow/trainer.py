@@ -13,12 +13,12 @@ from torch import nn
 
 from trainflow import checkpoint, rng
 from trainflow.accumulation import accumulate_window
-from trainflow.data.batch import move, sample_count, split
+from trainflow.data.batch import move, split
 from trainflow.data.streams import Stream, open_streams
 from trainflow.events import Events
 from trainflow.flow import Flow
 from trainflow.custom import Guard, UpdateContext, check_result
-from trainflow.losses import Term, check_finite, collect_added, parse_loss, total_of
+from trainflow.losses import Term, check_finite, collect_added, parse_loss, sum_forms, total_of
 from trainflow.metrics import Metrics
 from trainflow.params import KEEP_EVAL, named_parameters
 from trainflow.precision import Precision
@@ -203,6 +203,7 @@ class Trainer:
         self.out_dir = None if out_dir is None else Path(out_dir)
         named = self.named_parameters()
         self._plans = {step: _Plan(step, named) for step in self.flow.steps}
+        self._step_order = {step.name: i for i, step in enumerate(self.flow.steps)}
         self.optimizers = self._name_optimizers()
         for model in self.models.values():
             model.to(self.device)
@@ -468,7 +469,7 @@ class Trainer:
 
     def _end_epoch(self, val_data: Iterable | None, val_step: Callable | None) -> None:
         self._in_epoch = False
-        order = {step.name: i for i, step in enumerate(self.flow.steps)}  # stable: flow order, not arrival
+        order = self._step_order  # loss means in flow order, not in the order steps ran this epoch
         means = sorted(self._epoch_losses.items(), key=lambda kv: order[kv[0].split("/", 1)[0]])
         logs = {key: torch.stack(values).mean().item() for key, values in means}
         logs.update(self.metrics.collect("train"))
@@ -714,13 +715,7 @@ class Trainer:
 
 
 def _add_val_losses(sums: dict[str, list], terms: list[Term], batch: Any) -> None:
-    n = None
-    for term in terms:
-        if term.total is None:
-            n = sample_count(batch, "validation") if n is None else n
-            total, count = term.value * n, n
-        else:
-            total, count = term.total, term.count
+    for term, total, count in sum_forms(terms, batch, "validation"):
         if term.name in sums:
             sums[term.name][0] = sums[term.name][0] + total
             sums[term.name][1] = sums[term.name][1] + count
