@@ -229,6 +229,47 @@ def test_two_optimizers_stepped_together():
     assert_same_weights(hand, model)
 
 
+def test_optimizer_with_its_own_zero_grad_is_called_and_others_are_cleared():
+    """The trainer clears gradients itself only for optimizers that keep Optimizer.zero_grad."""
+    loader = regression_loader()
+
+    class CountingSGD(torch.optim.SGD):
+        calls = 0
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            CountingSGD.calls += 1
+            super().zero_grad(set_to_none)
+
+    def build():
+        model = _fresh()
+        return model, CountingSGD(model[0].parameters(), lr=0.05), torch.optim.SGD(
+            [p for m in list(model)[1:] for p in m.parameters()], lr=0.05, momentum=0.9
+        )
+
+    hand, first, rest = build()
+    torch.manual_seed(1)
+    for x, y in loader:
+        first.zero_grad()
+        rest.zero_grad()
+        F.mse_loss(hand(x), y).backward()
+        first.step()
+        rest.step()
+    hand_calls, CountingSGD.calls = CountingSGD.calls, 0
+
+    model, first, rest = build()
+    grads_at_loss = []
+
+    def loss(batch):
+        grads_at_loss.append([p.grad for p in model.parameters()])
+        return F.mse_loss(model(batch[0]), batch[1])
+
+    torch.manual_seed(1)
+    Trainer(model, [Step(loss, [first, rest])], device="cpu").fit(loader, epochs=1)
+    assert_same_weights(hand, model)
+    assert CountingSGD.calls == hand_calls == len(loader)
+    assert all(g is None for grads in grads_at_loss for g in grads)  # cleared before every forward
+
+
 # ---------------------------------------------------------------- isolation
 
 

@@ -68,9 +68,12 @@ def _device(device: Any) -> torch.device:
 class _Plan:
     """What the trainer precomputes for one step: the parameters it owns and its log keys."""
 
-    __slots__ = ("step", "params", "owns_all", "keys", "update_schedules", "epoch_schedules", "by_optimizer", "guard")
+    __slots__ = (
+        "step", "params", "owns_all", "keys", "loss_key", "update_schedules", "epoch_schedules", "by_optimizer",
+        "guard", "lean", "grads", "zero_grad_opts",
+    )
 
-    def __init__(self, step: Step, named: list[tuple[str, torch.Tensor]]) -> None:
+    def __init__(self, step: Step, named: list[tuple[str, torch.Tensor]], precision: Precision) -> None:
         self.step = step
         owned = {id(p) for _, p in named}
         params: dict[int, torch.Tensor] = {}
@@ -87,12 +90,32 @@ class _Plan:
             for p in opt_params:
                 params.setdefault(id(p), p)
         self.params: tuple[torch.Tensor, ...] = tuple(params.values())
+        # Optimizer.zero_grad(set_to_none=True) sets each .grad to None inside a profiler range
+        # that costs more than the loop itself (6 us of a 350 us update on a small MLP): for
+        # optimizers that keep the base method, the plan clears their gradients directly.
+        plain = [opt for opt in step.optimizers if type(opt).zero_grad is torch.optim.Optimizer.zero_grad]
+        self.grads = tuple({id(p): p for opt in plain for p in self.by_optimizer[id(opt)]}.values())
+        self.zero_grad_opts = tuple(opt for opt in step.optimizers if opt not in plain)
         self.owns_all = owned <= set(params)
         self.keys: dict[str, str] = {}
+        self.loss_key = self.key("loss")
         # a custom update runs user code that could touch anything: watch the other parameters
         self.guard = Guard([(n, p) for n, p in named if id(p) not in params]) if step.update else None
         self.update_schedules = tuple(s for s in step.schedulers if s.interval == "update")
         self.epoch_schedules = tuple(s for s in step.schedulers if s.interval == "epoch")
+        # the common case, which Trainer._lean_update runs: one batch per update, float32, nothing between
+        # backward and step
+        self.lean = (
+            step.update is None and step.accumulate == 1 and step.microbatch_size is None
+            and step.clip_grad_norm is None and precision.dtype is None and precision.scaler is None
+        )
+
+    def zero_grad(self) -> None:
+        """``opt.zero_grad(set_to_none=True)`` for each of the step's optimizers."""
+        for p in self.grads:
+            p.grad = None
+        for opt in self.zero_grad_opts:
+            opt.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Differentiate into the step's parameters only (isolation).
@@ -202,7 +225,7 @@ class Trainer:
             )
         self.out_dir = None if out_dir is None else Path(out_dir)
         named = self.named_parameters()
-        self._plans = {step: _Plan(step, named) for step in self.flow.steps}
+        self._plans = {step: _Plan(step, named, self.precision) for step in self.flow.steps}
         self._step_order = {step.name: i for i, step in enumerate(self.flow.steps)}
         self.optimizers = self._name_optimizers()
         for model in self.models.values():
@@ -338,13 +361,15 @@ class Trainer:
 
     def _run_updates(self, max_updates: int | None) -> bool:
         """Run updates until the train stream is exhausted (True) or the run must stop (False)."""
-        flow, record, handlers = self.flow, self._epoch_losses, self.events.handlers["on_update_end"]
+        flow, plans, record = self.flow, self._plans, self._epoch_losses
+        handlers = self.events.handlers["on_update_end"]
         limit = math.inf if max_updates is None else max_updates
         while True:
             if self.should_stop or self.updates >= limit:
                 return False
             step = flow.current
-            losses = self._update(step)
+            plan = plans[step]
+            losses = self._lean_update(step, plan) if plan.lean else self._update(step, plan)
             if losses is None:
                 return True
             self.updates += 1
@@ -355,9 +380,37 @@ class Trainer:
             for handler in handlers:
                 handler(self, step, losses)
 
-    def _update(self, step: Step) -> dict[str, torch.Tensor] | None:
+    def _lean_update(self, step: Step, plan: _Plan) -> dict[str, torch.Tensor] | None:
+        """:meth:`_update` for the common case (``plan.lean``): one batch, one backward, one step.
+
+        The same update in fewer moves: on small models the trainer's per-update Python is what
+        separates it from a hand-written loop (docs/performance.md).
+        """
+        if step.batch == "same":
+            batch = self._last_batches[0]
+        else:
+            batch = self._streams[step.data].next_batch()
+            if batch is None:
+                return None
+            self._last_batches, self._last_stream = [batch], step.data
+        plan.zero_grad()
+        out, added = collect_added(step.loss, batch)
+        if added or type(out) is not torch.Tensor or out.ndim:  # a dict, an Average, add_loss, an error
+            terms = self._terms(step, out, added)
+            loss, values = total_of(terms), {plan.key(t.name): t.value.detach() for t in terms}
+        else:
+            loss, values = out, {plan.loss_key: out.detach()}
+        plan.backward(loss)
+        if not self._finite(loss, values, step, plan):
+            return self._drop_update(step, values)
+        for opt in step.optimizers:
+            opt.step()
+        for schedule in plan.update_schedules:
+            schedule.step()
+        return values
+
+    def _update(self, step: Step, plan: _Plan) -> dict[str, torch.Tensor] | None:
         """One optimizer update of ``step``: None when the train stream has run out."""
-        plan = self._plans[step]
         if step.batch == "same":
             batches = self._last_batches
         else:
@@ -367,13 +420,12 @@ class Trainer:
             self._last_batches, self._last_stream = batches, step.data
         if step.update is not None:
             return self._custom_update(step, plan, batches[0])
-        for opt in step.optimizers:
-            opt.zero_grad(set_to_none=True)
+        plan.zero_grad()
         if step.microbatch_size is not None:
             batches = [c for b in batches for c in split(b, step.microbatch_size, step.name)]
         if len(batches) == 1:
             terms = self._forward(step, batches[0])
-            loss = terms[0].value if len(terms) == 1 else total_of(terms)
+            loss = total_of(terms)
             plan.backward(self.precision.scale(loss))
             values = {plan.key(t.name): t.value.detach() for t in terms}
         else:
@@ -405,6 +457,11 @@ class Trainer:
         else:
             with self.precision.autocast():
                 out, added = collect_added(step.loss, batch)
+        return self._terms(step, out, added)
+
+    @staticmethod
+    def _terms(step: Step, out: Any, added: list[torch.Tensor]) -> list[Term]:
+        """What the loss function returned, plus the add_loss total, as checked terms."""
         terms = parse_loss(out, step.name)
         if added:  # add_loss values from the models' forward passes
             if any(t.name == AUX for t in terms):
@@ -460,8 +517,7 @@ class Trainer:
 
     def _drop_update(self, step: Step, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Leave weights and optimizer state as they were; count the skip or stop the run."""
-        for opt in step.optimizers:
-            opt.zero_grad(set_to_none=True)
+        self._plans[step].zero_grad()
         self.skipped += 1
         if self.on_nonfinite == "stop":
             self.stop("nonfinite")

@@ -52,7 +52,10 @@ class Stream:
         self.consumed = 0
         self.exhausted = False
 
-    def _next(self) -> Any:
+    def next_batch(self) -> Any:
+        """The next batch; None when the "train" stream has run out (other streams start over)."""
+        if self.exhausted:
+            return None
         if self.iterator is None:
             self.restart()
         if self.rng_first is None:
@@ -76,14 +79,9 @@ class Stream:
 
     def take(self, n: int) -> list[Any]:
         """Up to ``n`` batches; fewer (maybe none) when the "train" stream runs out."""
-        if self.exhausted:
-            return []
-        if n == 1:
-            batch = self._next()
-            return [] if batch is None else [batch]
         batches = []
         for _ in range(n):
-            batch = self._next()
+            batch = self.next_batch()
             if batch is None:
                 break
             batches.append(batch)
