@@ -70,10 +70,10 @@ class _Plan:
 
     __slots__ = (
         "step", "params", "owns_all", "keys", "loss_key", "update_schedules", "epoch_schedules", "by_optimizer",
-        "guard", "lean", "grads", "zero_grad_opts",
+        "guard", "grads", "zero_grad_opts",
     )
 
-    def __init__(self, step: Step, named: list[tuple[str, torch.Tensor]], precision: Precision) -> None:
+    def __init__(self, step: Step, named: list[tuple[str, torch.Tensor]]) -> None:
         self.step = step
         owned = {id(p) for _, p in named}
         params: dict[int, torch.Tensor] = {}
@@ -103,12 +103,6 @@ class _Plan:
         self.guard = Guard([(n, p) for n, p in named if id(p) not in params]) if step.update else None
         self.update_schedules = tuple(s for s in step.schedulers if s.interval == "update")
         self.epoch_schedules = tuple(s for s in step.schedulers if s.interval == "epoch")
-        # the common case, which Trainer._lean_update runs: one batch per update, float32, nothing between
-        # backward and step
-        self.lean = (
-            step.update is None and step.accumulate == 1 and step.microbatch_size is None
-            and step.clip_grad_norm is None and precision.dtype is None and precision.scaler is None
-        )
 
     def zero_grad(self) -> None:
         """``opt.zero_grad(set_to_none=True)`` for each of the step's optimizers."""
@@ -225,7 +219,7 @@ class Trainer:
             )
         self.out_dir = None if out_dir is None else Path(out_dir)
         named = self.named_parameters()
-        self._plans = {step: _Plan(step, named, self.precision) for step in self.flow.steps}
+        self._plans = {step: _Plan(step, named) for step in self.flow.steps}
         self._step_order = {step.name: i for i, step in enumerate(self.flow.steps)}
         self.optimizers = self._name_optimizers()
         for model in self.models.values():
@@ -368,8 +362,7 @@ class Trainer:
             if self.should_stop or self.updates >= limit:
                 return False
             step = flow.current
-            plan = plans[step]
-            losses = self._lean_update(step, plan) if plan.lean else self._update(step, plan)
+            losses = self._update(step, plans[step])
             if losses is None:
                 return True
             self.updates += 1
@@ -380,37 +373,13 @@ class Trainer:
             for handler in handlers:
                 handler(self, step, losses)
 
-    def _lean_update(self, step: Step, plan: _Plan) -> dict[str, torch.Tensor] | None:
-        """:meth:`_update` for the common case (``plan.lean``): one batch, one backward, one step.
-
-        The same update in fewer moves: on small models the trainer's per-update Python is what
-        separates it from a hand-written loop (docs/performance.md).
-        """
-        if step.batch == "same":
-            batch = self._last_batches[0]
-        else:
-            batch = self._streams[step.data].next_batch()
-            if batch is None:
-                return None
-            self._last_batches, self._last_stream = [batch], step.data
-        plan.zero_grad()
-        out, added = collect_added(step.loss, batch)
-        if added or type(out) is not torch.Tensor or out.ndim:  # a dict, an Average, add_loss, an error
-            terms = self._terms(step, out, added)
-            loss, values = total_of(terms), {plan.key(t.name): t.value.detach() for t in terms}
-        else:
-            loss, values = out, {plan.loss_key: out.detach()}
-        plan.backward(loss)
-        if not self._finite(loss, values, step, plan):
-            return self._drop_update(step, values)
-        for opt in step.optimizers:
-            opt.step()
-        for schedule in plan.update_schedules:
-            schedule.step()
-        return values
-
     def _update(self, step: Step, plan: _Plan) -> dict[str, torch.Tensor] | None:
-        """One optimizer update of ``step``: None when the train stream has run out."""
+        """One optimizer update of ``step``: None when the train stream has run out.
+
+        On small models this method's Python is what separates the trainer from a hand-written
+        loop (docs/performance.md): the common update (one batch, a plain scalar loss, float32)
+        takes the shortest way through it.
+        """
         if step.batch == "same":
             batches = self._last_batches
         else:
@@ -424,10 +393,16 @@ class Trainer:
         if step.microbatch_size is not None:
             batches = [c for b in batches for c in split(b, step.microbatch_size, step.name)]
         if len(batches) == 1:
-            terms = self._forward(step, batches[0])
-            loss = total_of(terms)
-            plan.backward(self.precision.scale(loss))
-            values = {plan.key(t.name): t.value.detach() for t in terms}
+            if self.precision.dtype is None:  # float32: no autocast context to enter
+                out, added = collect_added(step.loss, batches[0])
+            else:
+                out, added = self._autocast_loss(step, batches[0])
+            if not added and type(out) is torch.Tensor and not out.ndim:  # a plain scalar: nothing to parse
+                loss, values = out, {plan.loss_key: out.detach()}
+            else:
+                terms = self._terms(step, out, added)
+                loss, values = total_of(terms), {plan.key(t.name): t.value.detach() for t in terms}
+            plan.backward(loss if self.precision.scaler is None else self.precision.scale(loss))
         else:
             window = accumulate_window(
                 batches, lambda b: self._forward(step, b), self.precision.scale, plan.trainable(), step.name
@@ -451,13 +426,15 @@ class Trainer:
             schedule.step()
         return values
 
+    def _autocast_loss(self, step: Step, batch: Any) -> tuple[Any, list[torch.Tensor]]:
+        """``step.loss(batch)`` under the precision's autocast: what it returned, and add_loss values."""
+        with self.precision.autocast():
+            return collect_added(step.loss, batch)
+
     def _forward(self, step: Step, batch: Any) -> list[Term]:
-        if self.precision.dtype is None:  # float32: no autocast context to enter
-            out, added = collect_added(step.loss, batch)
-        else:
-            with self.precision.autocast():
-                out, added = collect_added(step.loss, batch)
-        return self._terms(step, out, added)
+        if self.precision.dtype is None:
+            return self._terms(step, *collect_added(step.loss, batch))
+        return self._terms(step, *self._autocast_loss(step, batch))
 
     @staticmethod
     def _terms(step: Step, out: Any, added: list[torch.Tensor]) -> list[Term]:

@@ -79,6 +79,9 @@ class Stream:
 
     def take(self, n: int) -> list[Any]:
         """Up to ``n`` batches; fewer (maybe none) when the "train" stream runs out."""
+        if n == 1:  # the common case, once per update
+            batch = self.next_batch()
+            return [] if batch is None else [batch]
         batches = []
         for _ in range(n):
             batch = self.next_batch()
