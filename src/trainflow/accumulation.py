@@ -52,6 +52,19 @@ def accumulate_window(
     ``forward(chunk)`` returns the chunk's loss terms; ``scale`` is applied to what is
     differentiated (the mixed-precision loss scale, or identity). The parameters' gradients
     must be cleared before the call. Returns each term's window value, detached.
+
+    Example:
+        >>> import torch
+        >>> from trainflow.losses import Term
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+        >>> def forward(chunk):
+        ...     return [Term("loss", (chunk @ w).mean())]
+        >>> values = accumulate_window([x[:2], x[2:]], forward, lambda t: t, [w], step="fit")
+        >>> big = torch.nn.Parameter(torch.ones(2))
+        >>> (x @ big).mean().backward()
+        >>> torch.allclose(w.grad, big.grad), round(values["loss"].item(), 4)
+        (True, 7.0)
     """
     term_sums: dict[str, torch.Tensor] = {}
     counts: dict[str, Any] = {}

@@ -49,7 +49,18 @@ def checkpoints(directory: str | Path) -> list[Path]:
 
 
 def latest(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint in ``directory`` (None when there is none)."""
+    """The newest complete checkpoint in ``directory`` (None when there is none).
+
+    Example:
+        >>> import tempfile, torch
+        >>> folder = tempfile.mkdtemp()
+        >>> latest(folder) is None
+        True
+        >>> _ = save({"w": torch.ones(1)}, path_for(folder, 10))
+        >>> _ = save({"w": torch.ones(1)}, path_for(folder, 20))
+        >>> latest(folder).name
+        'ckpt-u000000020.pt'
+    """
     found = checkpoints(directory)
     return found[-1] if found else None
 
@@ -107,7 +118,14 @@ def _unpickler_reason(error: Exception) -> str:
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save`, without ever running pickled code."""
+    """Read a checkpoint written by :func:`save`, without ever running pickled code.
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = save({"step": 3, "w": torch.zeros(2)}, path_for(tempfile.mkdtemp(), 3))
+        >>> load(p)["step"]
+        3
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(

@@ -50,6 +50,16 @@ def describe(trainer: Trainer) -> str:
     tensors are frozen, and every hyperparameter. Below the table: the cycle, the totals, the
     frozen parameters, the modules kept in eval mode during fit (``freeze(...,
     batchnorm="eval")``), and a warning for trainable parameters that no step updates.
+
+    Example:
+        >>> import torch
+        >>> from trainflow import Step, Trainer
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> trainer = Trainer(model, Step(lambda b: model(b).pow(2).mean(), opt, name="fit"), device="cpu")
+        >>> text = describe(trainer)
+        >>> "trainflow plan" in text and "SGD" in text and "lr=0.1" in text
+        True
     """
     table = Table(title="trainflow plan", title_justify="left", show_lines=False)
     for col in ("step", "schedule", "optimizer", "group", "params", "hyperparameters"):

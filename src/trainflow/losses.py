@@ -54,6 +54,13 @@ class Term:
 
     ``value`` is what is differentiated for a single-batch update (the mean);
     ``total`` and ``count`` are set for :class:`Average` terms only.
+
+    Example:
+        >>> import torch
+        >>> [t.name for t in parse_loss({"mse": torch.tensor(0.5), "kl": Average(torch.tensor(3.0), 6)}, "vae")]
+        ['mse', 'kl']
+        >>> parse_loss({"kl": Average(torch.tensor(3.0), 6)}, "vae")[0].value
+        tensor(0.5000)
     """
 
     name: str

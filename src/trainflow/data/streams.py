@@ -29,6 +29,16 @@ class Stream:
     draws from it (making the iterator, taking its first batch); :meth:`replay` makes the
     iterator again under those states and skips what was consumed, so the batches that follow
     are exactly those the interrupted run would have seen.
+
+    Example:
+        >>> import torch
+        >>> train = Stream("train", [1, 2, 3], torch.device("cpu"))
+        >>> train.restart()
+        >>> train.take(2), train.take(2), train.take(2), train.exhausted
+        ([1, 2], [3], [], True)
+        >>> other = Stream("valid", [1, 2], torch.device("cpu"))  # other streams cycle
+        >>> [other.next_batch() for _ in range(3)]
+        [1, 2, 1]
     """
 
     __slots__ = ("name", "iterable", "device", "on_cpu", "iterator", "consumed", "exhausted", "rng_start", "rng_first")
@@ -131,6 +141,12 @@ def open_streams(data: Any, needed: Mapping[str, str], device: torch.device) -> 
     """Check ``fit``'s ``data`` against the streams the steps name; wrap each in a Stream.
 
     ``needed`` maps each stream name to a step that draws from it (for error messages).
+
+    Example:
+        >>> import torch
+        >>> streams = open_streams({"train": [1, 2], "valid": [3]}, {"train": "w", "valid": "arch"}, torch.device("cpu"))
+        >>> sorted(streams), streams["valid"].next_batch()
+        (['train', 'valid'], 3)
     """
     if isinstance(data, Mapping):
         streams = dict(data)

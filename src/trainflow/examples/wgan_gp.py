@@ -63,7 +63,7 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) 
         >>> critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 1, bias=False))
         >>> with torch.no_grad():
         ...     _ = critic[1].weight.fill_(0.5)  # |grad| = |w| = 1 everywhere
-        >>> float(gradient_penalty(critic, torch.rand(3, 1, 2, 2), torch.rand(3, 1, 2, 2)))
+        >>> gradient_penalty(critic, torch.rand(3, 1, 2, 2), torch.rand(3, 1, 2, 2)).item()
         0.0
     """
     eps = torch.rand(len(real), *([1] * (real.ndim - 1)), device=real.device)
