@@ -393,16 +393,13 @@ class Trainer:
         if step.microbatch_size is not None:
             batches = [c for b in batches for c in split(b, step.microbatch_size, step.name)]
         if len(batches) == 1:
-            if self.precision.dtype is None:  # float32: no autocast context to enter
-                out, added = collect_added(step.loss, batches[0])
-            else:
-                out, added = self._autocast_loss(step, batches[0])
+            out, added = self._call_loss(step, batches[0])
             if not added and type(out) is torch.Tensor and not out.ndim:  # a plain scalar: nothing to parse
                 loss, values = out, {plan.loss_key: out.detach()}
             else:
                 terms = self._terms(step, out, added)
                 loss, values = total_of(terms), {plan.key(t.name): t.value.detach() for t in terms}
-            plan.backward(loss if self.precision.scaler is None else self.precision.scale(loss))
+            plan.backward(self.precision.scale(loss))
         else:
             window = accumulate_window(
                 batches, lambda b: self._forward(step, b), self.precision.scale, plan.trainable(), step.name
@@ -426,15 +423,15 @@ class Trainer:
             schedule.step()
         return values
 
-    def _autocast_loss(self, step: Step, batch: Any) -> tuple[Any, list[torch.Tensor]]:
+    def _call_loss(self, step: Step, batch: Any) -> tuple[Any, list[torch.Tensor]]:
         """``step.loss(batch)`` under the precision's autocast: what it returned, and add_loss values."""
+        if self.precision.dtype is None:  # float32: no autocast context to enter
+            return collect_added(step.loss, batch)
         with self.precision.autocast():
             return collect_added(step.loss, batch)
 
     def _forward(self, step: Step, batch: Any) -> list[Term]:
-        if self.precision.dtype is None:
-            return self._terms(step, *collect_added(step.loss, batch))
-        return self._terms(step, *self._autocast_loss(step, batch))
+        return self._terms(step, *self._call_loss(step, batch))
 
     @staticmethod
     def _terms(step: Step, out: Any, added: list[torch.Tensor]) -> list[Term]:
