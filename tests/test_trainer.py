@@ -201,6 +201,19 @@ def test_keras_style_gan_step_reuses_batch():
     assert trainer.updates == 2 * EPOCHS * len(loader)
 
 
+def _hand_two_optimizers(model, first, rest, loader, epochs):
+    """The hand-written loop for one MSE step with two optimizers stepped together."""
+    torch.manual_seed(1)
+    for _ in range(epochs):
+        for x, y in loader:
+            first.zero_grad()
+            rest.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            first.step()
+            rest.step()
+    return model
+
+
 def test_two_optimizers_stepped_together():
     """MegEngine's MultipleOptimizer: SGD for the first layer, Adam for the rest, one backward."""
     loader = regression_loader()
@@ -211,15 +224,7 @@ def test_two_optimizers_stepped_together():
         rest = torch.optim.Adam([p for m in list(model)[1:] for p in m.parameters()], lr=0.01)
         return model, first, rest
 
-    hand, first, rest = build()
-    torch.manual_seed(1)
-    for _ in range(EPOCHS):
-        for x, y in loader:
-            first.zero_grad()
-            rest.zero_grad()
-            F.mse_loss(hand(x), y).backward()
-            first.step()
-            rest.step()
+    hand = _hand_two_optimizers(*build(), loader, EPOCHS)
 
     model, first, rest = build()
     torch.manual_seed(1)
@@ -246,14 +251,7 @@ def test_optimizer_with_its_own_zero_grad_is_called_and_others_are_cleared():
             [p for m in list(model)[1:] for p in m.parameters()], lr=0.05, momentum=0.9
         )
 
-    hand, first, rest = build()
-    torch.manual_seed(1)
-    for x, y in loader:
-        first.zero_grad()
-        rest.zero_grad()
-        F.mse_loss(hand(x), y).backward()
-        first.step()
-        rest.step()
+    hand = _hand_two_optimizers(*build(), loader, epochs=1)
     hand_calls, CountingSGD.calls = CountingSGD.calls, 0
 
     model, first, rest = build()
