@@ -669,6 +669,10 @@ class Trainer:
                 "skipped": self.skipped,
                 "in_epoch": self._in_epoch,
                 "streams": {name: stream.state_dict() for name, stream in self._streams.items()},
+                "dataset_rng": {  # generators a dataset keeps for itself (augmentation in __getitem__)
+                    name: [g.get_state() for g in rng.dataset_generators(stream.iterable)]
+                    for name, stream in self._streams.items()
+                },
                 "last_stream": self._last_stream,
                 "last_batches": len(self._last_batches),
                 "epoch_losses": {k: torch.stack(v) for k, v in self._epoch_losses.items() if v},
@@ -741,6 +745,9 @@ class Trainer:
             kept = streams[name].replay(stream_state, keep)
             if keep:
                 self._last_batches, self._last_stream = kept, name
+        for name, states in loop.get("dataset_rng", {}).items():  # after the replay, which may have drawn
+            for generator, saved in zip(rng.dataset_generators(streams[name].iterable), states):
+                generator.set_state(saved)
         self._in_epoch = bool(loop["in_epoch"])
         rng.restore(loop["rng"])
         self._resume_loop = None
