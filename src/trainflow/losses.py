@@ -177,7 +177,6 @@ def unreached_message(step: str) -> str:
         "Step 'G'"
         >>> unreached_message("G").split(": ")[1]
         'its loss reaches none of the parameters of its optimizers'
-
     """
     return (
         f"Step {step!r}: its loss reaches none of the parameters of its optimizers: after backward every one of "

@@ -179,8 +179,10 @@ class Trainer:
         on_nonfinite: what a NaN or infinite loss (or gradient) does: ``"raise"`` an error
             naming the step, loss and update; ``"skip"`` the update (weights and optimizer
             state untouched, counted in ``trainer.skipped``); or ``"stop"`` ``fit`` cleanly
-            (a ``Checkpoint`` callback then saves). On CUDA, "raise" reads the loss every
-            50 updates only (no per-update host sync); "skip" and "stop" read one flag per update.
+            (a ``Checkpoint`` callback then saves). A skipped update's losses are not averaged
+            into the epoch's means. A custom step decides before each ``ctx.step`` (see
+            :mod:`trainflow.custom`). On CUDA, "raise" reads the loss every 50 updates only (no
+            per-update host sync); "skip" and "stop" read one flag per update.
 
     Counters: ``trainer.epoch`` (completed epochs) and ``trainer.updates`` (optimizer updates
     of all steps); ``trainer.max_epochs`` / ``trainer.max_updates`` are the current ``fit``'s
