@@ -103,7 +103,7 @@ class UpdateContext:
         if not loss.requires_grad:
             raise ValueError(no_grad_message(self.name))
         self._precision.scale(loss).backward(inputs=params)
-        if all(p.grad is None for p in params):
+        if params and all(p.grad is None for p in params):
             raise ValueError(unreached_message(self.name))
         if self._finite is not None:
             self._losses.append(loss.detach())
