@@ -773,7 +773,8 @@ def test_a_real_full_disk_names_the_checkpoint_and_says_the_disk_is_full(small_d
     assert names(path.parent) == []  # no temporary file left behind
 
 
-def test_a_real_full_disk_during_fit_loses_nothing_and_the_run_resumes_exactly(small_disk, tmp_path):
+@pytest.mark.parametrize("full_at", ["checkpoint", "index"])
+def test_a_real_full_disk_during_fit_loses_nothing_and_the_run_resumes_exactly(small_disk, tmp_path, full_at):
     out = small_disk / "run"
     reference = trainer_with([], tmp_path / "reference", hidden=64)
     reference.fit(data(), epochs=3)
@@ -782,11 +783,16 @@ def test_a_real_full_disk_during_fit_loses_nothing_and_the_run_resumes_exactly(s
     first.fit(data(), epochs=1)
     folder = out / "checkpoints"
     before = {name: (folder / name).read_bytes() for name in names(folder)}
-    size = max(len(b) for b in before.values())
-    filler = _fill(small_disk, leave=size // 2)  # the next checkpoint does not fit
-    with pytest.raises(OSError, match=r"^\[Errno 28\] The disk is full: writing '.*ckpt-u000000005-e1\.pt' failed"):
+    size = max(len(b) for name, b in before.items() if name.endswith(".pt"))
+    block = os.statvfs(small_disk).f_frsize
+    # "checkpoint": the next checkpoint does not fit; "index": it fits to the last block, index.json does not
+    filler = _fill(small_disk, leave=size // 2 if full_at == "checkpoint" else -(-size // block) * block)
+    failed = "ckpt-u000000005-e1.pt" if full_at == "checkpoint" else "index.json"
+    with pytest.raises(OSError, match=rf"^\[Errno 28\] The disk is full: writing '.*/{re.escape(failed)}' failed"):
         first.fit(data(), epochs=3)
-    assert {name: (folder / name).read_bytes() for name in names(folder)} == before  # nothing lost, no temp file
+    after = {name: (folder / name).read_bytes() for name in names(folder)}
+    assert {n: b for n, b in after.items() if n in before} == before  # nothing lost, index.json included
+    assert sorted(set(after) - set(before)) == ([] if full_at == "checkpoint" else ["ckpt-u000000005-e1.pt"])
 
     filler.unlink()  # space freed: the same script resumes and ends like the uninterrupted run
     torch.manual_seed(1234)
