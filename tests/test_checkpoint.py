@@ -761,13 +761,11 @@ def test_a_real_full_disk_names_the_checkpoint_and_says_the_disk_is_full(small_d
     with pytest.raises(OSError) as info:
         checkpoint.save({"w": torch.zeros(512 * 1024)}, path)  # 2 MiB on a 1 MiB disk
     assert info.value.errno == errno.ENOSPC
-    assert info.value.filename == str(path)
     assert re.fullmatch(
         rf"\[Errno 28\] The disk is full: writing {re.escape(repr(str(path)))} failed \(\d+ bytes free; RuntimeError: "
         r"\[enforce fail at inline_container\.cc:\d+\] \. unexpected pos \d+ vs \d+\)\. Nothing was replaced: the "
         r"earlier checkpoints in that folder are intact\. Free some space \(or lower Checkpoint\(keep_last=\.\.\.\), "
-        r"or write to another disk with Checkpoint\(dir=\.\.\.\)\) and resume with fit\(\.\.\., resume='latest'\)\.: "
-        rf"{re.escape(repr(str(path)))}",
+        r"or write to another disk with Checkpoint\(dir=\.\.\.\)\) and resume with fit\(\.\.\., resume='latest'\)\.",
         str(info.value),
     )
     assert names(path.parent) == []  # no temporary file left behind

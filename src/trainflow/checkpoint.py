@@ -144,7 +144,6 @@ def _no_space(path: Path, error: BaseException) -> OSError:
         f"{str(error).splitlines()[0][:120] if str(error) else 'no detail'}). Nothing was replaced: the earlier "
         "checkpoints in that folder are intact. Free some space (or lower Checkpoint(keep_last=...), or write to "
         "another disk with Checkpoint(dir=...)) and resume with fit(..., resume='latest').",
-        str(path),
     )
 
 
