@@ -9,7 +9,10 @@ import os
 import pathlib
 import re
 import signal
+import struct
+import subprocess
 import threading
+import zipfile
 import warnings
 from datetime import datetime
 
@@ -609,6 +612,74 @@ def test_a_malicious_checkpoint_message_names_the_refused_global(tmp_path):
     assert "\x1b[" not in str(info.value) and "Unsupported global" in str(info.value)
 
 
+def _tensor_spans(path: pathlib.Path) -> list[tuple[str, int, int]]:
+    """(member, first byte, end) of every tensor's data inside a checkpoint archive."""
+    raw = path.read_bytes()
+    spans = []
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if "/data/" in info.filename and info.file_size:
+                name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+                start = info.header_offset + 30 + name_len + extra_len
+                spans.append((info.filename, start, start + info.file_size))
+    return spans
+
+
+def test_a_flipped_bit_inside_a_tensor_is_refused_naming_the_file(saved):
+    """torch.load reads a tensor whose bytes changed without a word; the archive's CRC-32 does not."""
+    good = saved.read_bytes()
+    spans = _tensor_spans(saved)
+    assert len(spans) >= 4  # weights, bias and Adam's moments
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        member, start, end = spans[trial % len(spans)]
+        offset = start + int(torch.randint(0, end - start, (1,), generator=g))
+        bit = int(torch.randint(0, 8, (1,), generator=g))
+        flipped = bytearray(good)
+        flipped[offset] ^= 1 << bit
+        saved.write_bytes(bytes(flipped))
+        # the flip is real: the unchecked load gives other numbers
+        unchecked = torch.load(saved, weights_only=True)["state"]
+        reference = torch.load(_write(saved.parent / "good.pt", good), weights_only=True)["state"]
+        assert any(not torch.equal(a, b) for a, b in zip(_tensors(unchecked), _tensors(reference)))
+        with pytest.raises(ValueError) as info:
+            checkpoint.load(saved)
+        assert str(info.value) == (
+            f"Checkpoint {str(saved)!r} is truncated or corrupt and cannot be read (BadZipFile: CRC-32 mismatch "
+            f"in {member!r}: the file changed after it was written). Resume from an earlier checkpoint in the "
+            "same folder."
+        )
+    saved.write_bytes(good)
+    assert checkpoint.load(saved)["loop"]["updates"] == 4
+
+
+def test_resume_latest_refuses_a_flipped_checkpoint(tmp_path):
+    trainer = trainer_with([Checkpoint(every_updates=2, every_epochs=None)], tmp_path)
+    trainer.fit(data(), epochs=1)
+    newest = checkpoint.latest(tmp_path / "checkpoints")
+    _, start, end = _tensor_spans(newest)[0]
+    raw = bytearray(newest.read_bytes())
+    raw[(start + end) // 2] ^= 0x01
+    newest.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"^Checkpoint {re.escape(repr(str(newest)))} is truncated or corrupt .*CRC-32"):
+        trainer_with([Checkpoint(every_updates=2, every_epochs=None)], tmp_path).fit(data(), epochs=2, resume="latest")
+
+
+def _write(path: pathlib.Path, raw: bytes) -> pathlib.Path:
+    path.write_bytes(raw)
+    return path
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
+
+
 # ------------------------------------------------------------------------------ failed writes
 
 
@@ -655,6 +726,79 @@ def test_a_full_disk_during_fit_raises_and_keeps_the_folder_as_it_was(tmp_path, 
     with pytest.raises(OSError, match="No space left on device"):
         trainer.fit(data(), epochs=2)
     assert {name: (folder / name).read_bytes() for name in names(folder)} == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB tmpfs (a real full disk, not a faked OSError); skipped where mounting is impossible."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): {done.stderr.strip()[:120]}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def _fill(folder: pathlib.Path, leave: int) -> pathlib.Path:
+    """Take all the free space of ``folder``'s disk but ``leave`` bytes."""
+    filler = folder / "filler.bin"
+    with open(filler, "wb") as f:
+        chunk = b"\0" * 4096
+        try:
+            while os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize > leave:
+                f.write(chunk)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_real_full_disk_names_the_checkpoint_and_says_the_disk_is_full(small_disk):
+    path = checkpoint.path_for(small_disk / "checkpoints", 1)
+    with pytest.raises(OSError) as info:
+        checkpoint.save({"w": torch.zeros(512 * 1024)}, path)  # 2 MiB on a 1 MiB disk
+    assert info.value.errno == errno.ENOSPC
+    assert re.fullmatch(
+        rf"\[Errno 28\] The disk is full: writing {re.escape(repr(str(path)))} failed \(\d+ bytes free; RuntimeError: "
+        r"\[enforce fail at inline_container\.cc:\d+\] \. unexpected pos \d+ vs \d+\)\. Nothing was replaced: the "
+        r"earlier checkpoints in that folder are intact\. Free some space \(or lower Checkpoint\(keep_last=\.\.\.\), "
+        r"or write to another disk with Checkpoint\(dir=\.\.\.\)\) and resume with fit\(\.\.\., resume='latest'\)\.",
+        str(info.value),
+    )
+    assert names(path.parent) == []  # no temporary file left behind
+
+
+@pytest.mark.parametrize("full_at", ["checkpoint", "index"])
+def test_a_real_full_disk_during_fit_loses_nothing_and_the_run_resumes_exactly(small_disk, tmp_path, full_at):
+    out = small_disk / "run"
+    reference = trainer_with([], tmp_path / "reference", hidden=64)
+    reference.fit(data(), epochs=3)
+
+    first = trainer_with([Checkpoint(every_updates=1, every_epochs=None, keep_last=2)], out, hidden=64)
+    first.fit(data(), epochs=1)
+    folder = out / "checkpoints"
+    before = {name: (folder / name).read_bytes() for name in names(folder)}
+    size = max(len(b) for name, b in before.items() if name.endswith(".pt"))
+    block = os.statvfs(small_disk).f_frsize
+    # "checkpoint": the next checkpoint does not fit; "index": it fits to the last block, index.json does not
+    filler = _fill(small_disk, leave=size // 2 if full_at == "checkpoint" else -(-size // block) * block)
+    failed = "ckpt-u000000005-e1.pt" if full_at == "checkpoint" else "index.json"
+    with pytest.raises(OSError, match=rf"^\[Errno 28\] The disk is full: writing '.*/{re.escape(failed)}' failed"):
+        first.fit(data(), epochs=3)
+    after = {name: (folder / name).read_bytes() for name in names(folder)}
+    assert {n: b for n, b in after.items() if n in before} == before  # nothing lost, index.json included
+    assert sorted(set(after) - set(before)) == ([] if full_at == "checkpoint" else ["ckpt-u000000005-e1.pt"])
+
+    filler.unlink()  # space freed: the same script resumes and ends like the uninterrupted run
+    torch.manual_seed(1234)
+    again = trainer_with([Checkpoint(every_updates=1, every_epochs=None, keep_last=2)], out, hidden=64)
+    again.fit(data(), epochs=3, resume="latest")
+    assert again.updates == reference.updates == 3 * BATCHES
+    for a, b in zip(again.models["model"].state_dict().values(), reference.models["model"].state_dict().values()):
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------ the command line

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from conftest import mlp, regression_loader
 from torch import nn
 
-from trainflow import Average, Step, Trainer
+from trainflow import Average, Schedule, Step, Trainer
+from trainflow.callbacks import CSVLogger
 
 
 @pytest.fixture
@@ -145,6 +146,158 @@ def test_callback_typo_and_signature(model, opt):
         Trainer(model, [Step(lambda b: b, opt)], callbacks=[WrongArgs()])
     with pytest.raises(TypeError, match=r"Wrap a single callback in a list"):
         Trainer(model, [Step(lambda b: b, opt)], callbacks=Typo())
+
+
+# ---------------------------------------------------------------- inputs that once got no clear error
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0])
+def test_clip_grad_norm_must_be_positive_and_finite(opt, bad):
+    # `nan <= 0` is False: a NaN bound was accepted, and clipping by it turned every gradient into NaN
+    with pytest.raises(ValueError) as info:
+        Step(lambda b: b, opt, clip_grad_norm=bad)
+    assert str(info.value) == (
+        f"Step: `clip_grad_norm` must be a positive, finite number or None. Received: clip_grad_norm={bad!r}. "
+        "Use e.g. clip_grad_norm=1.0, or None not to clip."
+    )
+    with pytest.raises(ValueError, match=rf"Received: clip_grad_norm={bad!r}\."):
+        Step.custom(lambda b, ctx: None, opt, clip_grad_norm=bad)
+
+
+def test_a_loss_of_two_arguments_is_refused_when_the_step_is_built(opt):
+    def loss(x, y):
+        return F.mse_loss(x, y)
+
+    with pytest.raises(TypeError) as info:
+        Step(loss, opt)
+    assert str(info.value) == (
+        "Step: `loss` must accept one argument (batch). Received: a function with signature (x, y). Define it as "
+        "`def loss(batch): ...`; a function of (batch, ctx) that steps its optimizers itself is a "
+        "Step.custom(update, optimizer)."
+    )
+    Step(lambda batch, weight=1.0: batch, opt)  # extra arguments with defaults are fine
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_loss_that_does_not_require_grad_names_the_step(model, opt, accumulate):
+    def detached(batch):
+        return F.mse_loss(model(batch[0]), batch[1]).detach()
+
+    trainer = Trainer(model, [Step(detached, opt, name="fit", accumulate=accumulate)], device="cpu")
+    with pytest.raises(ValueError) as info:
+        trainer.fit(regression_loader(), epochs=1)
+    assert str(info.value) == (
+        "Step 'fit': the loss does not require grad, so it has nothing to differentiate. Received: a loss tensor "
+        "with requires_grad=False (computed under torch.no_grad() or inference_mode, from .detach()ed or .item() "
+        "values, or from frozen parameters only). Return a loss computed from the models' outputs, outside "
+        "torch.no_grad()."
+    )
+
+
+def _gan():
+    torch.manual_seed(0)
+    gen, disc = nn.Linear(2, 4), nn.Linear(4, 1)
+    return gen, disc, torch.optim.SGD(gen.parameters(), lr=0.1), torch.optim.SGD(disc.parameters(), lr=0.1)
+
+
+UNREACHED = (
+    "Step 'G': its loss reaches none of the parameters of its optimizers: after backward every one of them still "
+    "has grad None, so the update would change nothing. Received: a loss that depends only on other parameters "
+    "(e.g. a generator step on fake.detach(), or the wrong model's output). Compute it from this step's "
+    "parameters (no .detach() on their path), or give the step the optimizer of the parameters its loss depends on."
+)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_step_whose_loss_reaches_none_of_its_parameters(accumulate):
+    gen, disc, g_opt, d_opt = _gan()
+
+    def d_loss(batch):
+        return F.softplus(disc(gen(batch[0]).detach())).mean()
+
+    def g_loss(batch):  # the mistake: the fake is detached, so G gets no gradient
+        return F.softplus(-disc(gen(batch[0]).detach())).mean()
+
+    g_before = [p.detach().clone() for p in gen.parameters()]
+    steps = [Step(d_loss, d_opt, name="D"), Step(g_loss, g_opt, name="G", accumulate=accumulate)]
+    trainer = Trainer({"G": gen, "D": disc}, steps, device="cpu")
+    with pytest.raises(ValueError) as info:
+        trainer.fit([(torch.randn(3, 2),)] * 4, epochs=1)
+    assert str(info.value) == UNREACHED
+    assert trainer.updates == 1 and all(torch.equal(a, b) for a, b in zip(g_before, gen.parameters()))
+
+
+def test_a_custom_step_whose_loss_reaches_none_of_the_optimizer_it_names():
+    gen, disc, g_opt, d_opt = _gan()
+
+    def update(batch, ctx):
+        ctx.minimize(F.softplus(-disc(gen(batch[0]).detach())).mean(), g_opt)
+
+    trainer = Trainer({"G": gen, "D": disc}, [Step.custom(update, [g_opt, d_opt], name="G")], device="cpu")
+    with pytest.raises(ValueError) as info:
+        trainer.fit([(torch.randn(3, 2),)], epochs=1)
+    assert str(info.value) == UNREACHED
+
+    def no_grad(batch, ctx):
+        with torch.no_grad():
+            ctx.minimize(F.softplus(-disc(gen(batch[0]))).mean(), g_opt)
+
+    trainer = Trainer({"G": gen, "D": disc}, [Step.custom(no_grad, [g_opt, d_opt], name="G")], device="cpu")
+    with pytest.raises(ValueError, match=r"^Step 'G': the loss does not require grad, so it has nothing to "
+                                         r"differentiate\. Received: a loss tensor with requires_grad=False"):
+        trainer.fit([(torch.randn(3, 2),)], epochs=1)
+
+
+def test_reduce_lr_on_plateau_is_refused_as_a_step_scheduler(opt):
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    message = (
+        "Step: `scheduler` cannot be a ReduceLROnPlateau: a step's schedulers are stepped after each update (or "
+        "epoch) with no argument, and ReduceLROnPlateau.step needs the monitored value. Received: scheduler[0] of "
+        "type ReduceLROnPlateau. Step it from a callback that sees the value, e.g. `def on_epoch_end(self, trainer, "
+        "logs): plateau.step(logs['val/loss'])` (give that callback state_dict/load_state_dict returning "
+        "plateau's, so a resume restores it), or pass a schedule of the update count."
+    )
+    for given in (plateau, [plateau], Schedule(plateau, interval="epoch")):
+        with pytest.raises(TypeError) as info:
+            Step(lambda b: b, opt, scheduler=given)
+        assert str(info.value) == message
+
+
+def test_a_raw_tensor_as_data(model, opt):
+    trainer = Trainer(model, [Step(mse(model), opt, name="fit")], device="cpu")
+    with pytest.raises(TypeError) as info:
+        trainer.fit(torch.randn(10, 4), epochs=1)
+    assert str(info.value) == (
+        "fit: data stream 'train' is a tensor, which iterates row by row: each row would be one batch. Received: "
+        "a Tensor of shape (10, 4). Wrap it in a DataLoader, e.g. DataLoader(TensorDataset(x, y), batch_size=32), "
+        "or pass a list of batches."
+    )
+    with pytest.raises(TypeError, match=r"^fit: data stream 'valid' is a tensor"):
+        trainer.fit({"train": regression_loader(), "valid": torch.ones(3)}, epochs=1)
+
+
+def test_a_cuda_device_the_machine_lacks(model, opt):
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = f"cuda:{count}"  # one past the last device: none on a CPU machine
+    have = "no CUDA device is available" if count == 0 else f"only {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+    with pytest.raises(ValueError) as info:
+        Trainer(model, [Step(mse(model), opt)], device=device)
+    assert str(info.value) == (
+        f"Trainer: `device` names a CUDA device this machine does not have: {have}. Received: device={device!r}. "
+        "Use device='auto' (CUDA when available, else the CPU), 'cpu', or an index below torch.cuda.device_count()."
+    )
+    if count == 0:
+        with pytest.raises(ValueError, match=r"no CUDA device is available\. Received: device='cuda'\."):
+            Trainer(model, [Step(mse(model), opt)], device="cuda")
+
+
+def test_a_callback_class_instead_of_an_instance(model, opt):
+    with pytest.raises(TypeError) as info:
+        Trainer(model, [Step(mse(model), opt)], callbacks=[CSVLogger])
+    assert str(info.value) == (
+        "Trainer: a callback must be an object, not a class. Received: the class CSVLogger. "
+        "Pass an instance: CSVLogger(...)."
+    )
 
 
 # ---------------------------------------------------------------- fit

@@ -67,14 +67,16 @@ def test_call_order_over_two_epochs_with_validation():
 def test_exception_fires_on_exception_then_propagates():
     calls = []
     count = []
+    models = []
 
     def failing(batch):
         count.append(1)
         if len(count) == 2:
             raise RuntimeError("boom")
-        return batch[0].sum() * 0 + torch.zeros((), requires_grad=True)
+        return F.mse_loss(models[0](batch[0]), batch[1])
 
-    trainer, _ = _trainer(calls, loss=failing)
+    trainer, model = _trainer(calls, loss=failing)
+    models.append(model)
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(regression_loader(n=32), epochs=1)
     assert [c[1] for c in calls if c[0] == "a"] == [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ class InfGrad(torch.autograd.Function):
         return torch.full_like(grad, float("inf"))
 
 
-def build(bad_updates=(), *, policy="skip", bad="nan", callbacks=(), out_dir=None, accumulate=1):
+def build(bad_updates=(), *, policy="skip", bad="nan", callbacks=(), out_dir=None, accumulate=1, clip=None):
     """Linear regression with Adam and a per-update StepLR; the loss (or gradient) of ``bad_updates`` is non-finite."""
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
@@ -53,28 +54,39 @@ def build(bad_updates=(), *, policy="skip", bad="nan", callbacks=(), out_dir=Non
             pred = pred * float(bad)
         return {"mse": F.mse_loss(pred, y), "l1": F.l1_loss(model(x), y)}
 
-    trainer = Trainer(model, [Step(loss, opt, name="fit", scheduler=sched, accumulate=accumulate)],
+    trainer = Trainer(model, [Step(loss, opt, name="fit", scheduler=sched, accumulate=accumulate, clip_grad_norm=clip)],
                       device="cpu", on_nonfinite=policy, callbacks=list(callbacks), out_dir=out_dir)
     holder.append(trainer)
     return trainer, model, opt
 
 
-def hand_loop(epochs: int, skip_batches: set[int]) -> nn.Module:
-    """The same run by hand, skipping the given batches (counted over the whole run)."""
+def hand_loop(epochs: int, skip_batches: set[int], clip: float | None = None, means: list | None = None) -> nn.Module:
+    """The same run by hand, skipping the given batches (counted over the whole run).
+
+    ``means`` receives each epoch's mean of the updates' "mse" and "l1" losses.
+    """
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     i = 0
     for _ in range(epochs):
+        mse, l1 = [], []
         for x, y in data():
             i += 1
             if i in skip_batches:
                 continue
             opt.zero_grad(set_to_none=True)
-            (F.mse_loss(model(x), y) + F.l1_loss(model(x), y)).backward()
+            mse.append(F.mse_loss(model(x), y))
+            l1.append(F.l1_loss(model(x), y))
+            (mse[-1] + l1[-1]).backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
             sched.step()
+        if means is not None:
+            means.append({"fit/mse": torch.stack(mse).detach().mean().item(),
+                          "fit/l1": torch.stack(l1).detach().mean().item()})
     return model
 
 
@@ -174,6 +186,99 @@ def test_the_skip_count_is_saved_and_resumed(tmp_path):
     resumed, _, _ = build(out_dir=tmp_path, callbacks=[Checkpoint(every_updates=4, every_epochs=None)])
     resumed.fit(data(), max_updates=4, resume="latest")
     assert resumed.skipped == 1
+
+
+def test_a_skipped_update_is_counted_not_averaged_into_the_epoch_mean():
+    trainer, model, _ = build({3, 7})
+    epochs = []
+    trainer.events.add(type("Logs", (), {"on_epoch_end": lambda self, t, logs: epochs.append(dict(logs))})())
+    trainer.fit(data(), epochs=2)
+    expected = []
+    hand_loop(2, {3, 7}, means=expected)
+    assert trainer.skipped == 2
+    assert epochs == expected  # the means of the 4 updates kept in each epoch, exactly; no NaN
+
+
+def test_skip_with_clipping_drops_an_infinite_gradient_before_clipping_turns_it_into_nan():
+    trainer, model, opt = build({3}, bad="grad", clip=0.5)
+    snaps = Snapshots(model, opt)
+    trainer.events.add(snaps)
+    trainer.fit(data(), epochs=2)
+    assert trainer.skipped == 1 and same_state(snaps.at[3], snaps.at[2])
+    for a, b in zip(model.parameters(), hand_loop(2, {3}, clip=0.5).parameters()):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ custom steps
+
+
+def custom_gan(bad: dict[int, str], policy: str):
+    """A GAN as one custom step; ``bad`` maps an update to the loss ("D" or "G") that is NaN in it."""
+    torch.manual_seed(0)
+    gen, disc = nn.Linear(2, 3), nn.Linear(3, 1)
+    g_opt, d_opt = torch.optim.Adam(gen.parameters(), lr=0.01), torch.optim.Adam(disc.parameters(), lr=0.01)
+    holder: list[Trainer] = []
+
+    def train_step(batch, ctx):
+        z, real = batch
+        which = bad.get(holder[0].updates + 1)
+        d_loss = F.softplus(-disc(real)).mean() + F.softplus(disc(gen(z).detach())).mean()
+        ctx.minimize(d_loss * float("nan") if which == "D" else d_loss, d_opt)
+        g_loss = F.softplus(-disc(gen(z))).mean()
+        ctx.minimize(g_loss * float("nan") if which == "G" else g_loss, g_opt)
+        return {"d": d_loss, "g": g_loss}
+
+    trainer = Trainer({"G": gen, "D": disc}, [Step.custom(train_step, [d_opt, g_opt], name="gan")],
+                      device="cpu", on_nonfinite=policy)
+    holder.append(trainer)
+    return trainer, gen, disc
+
+
+def gan_data():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 2, generator=g), torch.randn(4, 3, generator=g)) for _ in range(BATCHES)]
+
+
+def custom_gan_by_hand(bad: dict[int, str], updates: int):
+    """The hand loop: a NaN D loss drops both steps of its update, a NaN G loss only the G step."""
+    torch.manual_seed(0)
+    gen, disc = nn.Linear(2, 3), nn.Linear(3, 1)
+    g_opt, d_opt = torch.optim.Adam(gen.parameters(), lr=0.01), torch.optim.Adam(disc.parameters(), lr=0.01)
+    batches = gan_data() * 2
+    for i, (z, real) in enumerate(batches[:updates], start=1):
+        d_loss = F.softplus(-disc(real)).mean() + F.softplus(disc(gen(z).detach())).mean()
+        if bad.get(i) == "D":
+            continue
+        d_opt.zero_grad()
+        d_loss.backward()
+        d_opt.step()
+        g_loss = F.softplus(-disc(gen(z))).mean()
+        if bad.get(i) == "G":
+            continue
+        g_opt.zero_grad()
+        g_loss.backward()
+        g_opt.step()
+    return gen, disc
+
+
+def test_skip_in_a_custom_step_is_decided_before_each_optimizer_steps():
+    bad = {2: "G", 4: "D"}
+    trainer, gen, disc = custom_gan(bad, "skip")
+    trainer.fit(gan_data(), epochs=2)
+    assert trainer.skipped == 2 and trainer.updates == 2 * BATCHES
+    hand_gen, hand_disc = custom_gan_by_hand(bad, 2 * BATCHES)
+    for a, b in zip([*gen.parameters(), *disc.parameters()], [*hand_gen.parameters(), *hand_disc.parameters()]):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+    assert all(math.isfinite(v) for v in trainer.logs.values())  # the dropped updates' values are not averaged
+
+
+def test_stop_in_a_custom_step_ends_fit_with_the_weights_before_the_bad_step():
+    trainer, gen, disc = custom_gan({3: "D"}, "stop")
+    trainer.fit(gan_data(), epochs=2)
+    assert (trainer.stop_reason, trainer.updates, trainer.skipped) == ("nonfinite", 3, 1)
+    hand_gen, hand_disc = custom_gan_by_hand({3: "D"}, 3)
+    for a, b in zip([*gen.parameters(), *disc.parameters()], [*hand_gen.parameters(), *hand_disc.parameters()]):
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------ stop

@@ -5,14 +5,21 @@ over the final name with ``os.replace`` (atomic), and the directory is fsynced. 
 moment leaves either the previous complete file or the new complete file, never a torn one;
 the temporary file's name starts with a dot and never matches a checkpoint name.
 
-Loading: always ``torch.load(..., weights_only=True)``: a file that would need to run pickled
-code to load is refused, never executed. Errors say what is wrong with the file.
+A disk that fills up during the write raises an ``OSError`` (``errno.ENOSPC``) naming the
+checkpoint and saying the disk is full; the earlier checkpoints are untouched.
+
+Loading: the archive's CRC-32 of every member (written by ``torch.save``) is verified first, so
+a flipped bit anywhere in a tensor is refused, not loaded; then ``torch.load(...,
+weights_only=True)``: a file that would need to run pickled code to load is refused, never
+executed. Errors name the file and say what is wrong with it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
 import re
 import tempfile
 import zipfile
@@ -96,11 +103,48 @@ def save(state: dict[str, Any], path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if _disk_full(error, path.parent):
+            raise _no_space(path, error) from error
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether ``error`` comes from a full disk.
+
+    ``torch.save`` reports a failed write as ``RuntimeError: [enforce fail at
+    inline_container.cc] . unexpected pos ...``; the ``OSError(ENOSPC)`` it hit is in the
+    exception's context. Where it is not, a folder with no space left says the same.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if not isinstance(error, (RuntimeError, OSError)):
+        return False
+    try:
+        return shutil.disk_usage(directory).free == 0
+    except OSError:
+        return False
+
+
+def _no_space(path: Path, error: BaseException) -> OSError:
+    """The error for a checkpoint (or its index) that did not fit on the disk."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free} bytes free"
+    except OSError:
+        free = "free space unknown"
+    return OSError(
+        errno.ENOSPC,
+        f"The disk is full: writing {str(path)!r} failed ({free}; {type(error).__name__}: "
+        f"{str(error).splitlines()[0][:120] if str(error) else 'no detail'}). Nothing was replaced: the earlier "
+        "checkpoints in that folder are intact. Free some space (or lower Checkpoint(keep_last=...), or write to "
+        "another disk with Checkpoint(dir=...)) and resume with fit(..., resume='latest').",
+    )
 
 
 def _corrupt(path: Path, detail: str) -> ValueError:
@@ -115,6 +159,17 @@ def _unpickler_reason(error: Exception) -> str:
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
     named = [line for line in lines if line.startswith("WeightsUnpickler error:")]
     return (named or lines or ["no detail"])[0][:200]
+
+
+def _verify_crc(path: Path) -> None:
+    """Check every archive member against the CRC-32 ``torch.save`` wrote for it.
+
+    ``torch.load`` does not: a flipped bit inside a tensor would load as a changed weight.
+    """
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise zipfile.BadZipFile(f"CRC-32 mismatch in {bad!r}: the file changed after it was written")
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -135,6 +190,7 @@ def load(path: str | Path) -> dict[str, Any]:
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged
         raise _corrupt(path, "not a zip archive")
     try:
+        _verify_crc(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(

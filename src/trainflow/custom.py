@@ -6,14 +6,22 @@ often as it likes. The trainer still gives it isolation (``ctx.backward`` writes
 into the named optimizer's parameters), callbacks, logging and checkpoints, and it checks
 afterwards that the function stepped at least once and touched no parameter outside the
 step's optimizers.
+
+Under ``on_nonfinite="skip"`` or ``"stop"``, each ``ctx.step`` decides before it steps: when a
+loss given to ``ctx.backward`` since the last step, or a gradient of the optimizers being
+stepped, is NaN or infinite, that step and every later one of the same call step nothing
+(their gradients are cleared); the steps the call took before it stand. The update then
+counts in ``trainer.skipped`` and its values are not averaged into the epoch's means.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from trainflow.losses import no_grad_message, unreached_message
 
 if TYPE_CHECKING:
     from trainflow.precision import Precision
@@ -51,13 +59,23 @@ class UpdateContext:
         (['gan/d_loss', 'gan/g_loss'], 3)
     """
 
-    def __init__(self, step: Step, precision: Precision, params: dict[int, list[torch.Tensor]]) -> None:
+    def __init__(
+        self,
+        step: Step,
+        precision: Precision,
+        params: dict[int, list[torch.Tensor]],
+        finite: Callable[[list[torch.Tensor], Iterable[torch.Tensor]], bool] | None = None,
+    ) -> None:
         self._step = step
         self.name = step.name
         self.optimizers: tuple[torch.optim.Optimizer, ...] = step.optimizers
         self._precision = precision
         self._params = params  # id(optimizer) -> its parameters
         self.stepped = 0
+        self.applied = 0  # steps that changed something (not dropped for a non-finite value)
+        self.dropped = False
+        self._finite = finite  # set under on_nonfinite="skip"/"stop": checked before each step
+        self._losses: list[torch.Tensor] = []  # differentiated since the last step
         self._aux: list[torch.Tensor] = []
         self.aux_taken = True
 
@@ -82,11 +100,26 @@ class UpdateContext:
         params = [
             p for opt in self._chosen(optimizer) for p in self._params[id(opt)] if p.requires_grad
         ]
+        if not loss.requires_grad:
+            raise ValueError(no_grad_message(self.name))
         self._precision.scale(loss).backward(inputs=params)
+        if params and all(p.grad is None for p in params):
+            raise ValueError(unreached_message(self.name))
+        if self._finite is not None:
+            self._losses.append(loss.detach())
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Step ``optimizer`` (default: all the step's), clipping first if the step clips."""
         chosen = self._chosen(optimizer)
+        self.stepped += 1
+        if self._finite is not None:
+            params = [p for opt in chosen for p in self._params[id(opt)]]
+            losses, self._losses = self._losses, []
+            if self.dropped or not self._finite(losses, params):
+                self.dropped = True  # this step and the call's later ones step nothing
+                for p in params:
+                    p.grad = None
+                return
         if self._step.clip_grad_norm is not None:
             for opt in chosen:
                 self._precision.unscale(opt)
@@ -94,7 +127,7 @@ class UpdateContext:
             torch.nn.utils.clip_grad_norm_(params, self._step.clip_grad_norm)
         for opt in chosen:
             self._precision.step(opt)
-        self.stepped += 1
+        self.applied += 1
 
     def minimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """``zero_grad``, ``backward`` and ``step`` for one optimizer: one plain update."""

@@ -74,6 +74,11 @@ class Events:
 
     def add(self, callback: Any) -> None:
         """Register ``callback``'s event methods, checking names and signatures now."""
+        if isinstance(callback, type):  # its methods would be unbound: "on_epoch_end must accept 2 ..."
+            raise TypeError(
+                f"Trainer: a callback must be an object, not a class. Received: the class {callback.__name__}. "
+                f"Pass an instance: {callback.__name__}(...)."
+            )
         found = False
         for attr in dir(callback):
             if not attr.startswith("on_") or not callable(getattr(callback, attr)):

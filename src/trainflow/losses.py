@@ -154,6 +154,39 @@ def check_finite(terms: list[Term], step: str, update: int) -> None:
             )
 
 
+def no_grad_message(step: str) -> str:
+    """The error for a loss that does not require grad (raised before autograd's own, which names no step).
+
+    Example:
+        >>> no_grad_message("G").split(", so")[0]
+        "Step 'G': the loss does not require grad"
+    """
+    return (
+        f"Step {step!r}: the loss does not require grad, so it has nothing to differentiate. Received: a loss "
+        "tensor with requires_grad=False (computed under torch.no_grad() or inference_mode, from .detach()ed or "
+        ".item() values, or from frozen parameters only). Return a loss computed from the models' outputs, "
+        "outside torch.no_grad()."
+    )
+
+
+def unreached_message(step: str) -> str:
+    """The error for a loss that gives none of its step's parameters a gradient.
+
+    Example:
+        >>> unreached_message("G").split(":")[0]
+        "Step 'G'"
+        >>> unreached_message("G").split(": ")[1]
+        'its loss reaches none of the parameters of its optimizers'
+    """
+    return (
+        f"Step {step!r}: its loss reaches none of the parameters of its optimizers: after backward every one of "
+        "them still has grad None, so the update would change nothing. Received: a loss that depends only on "
+        "other parameters (e.g. a generator step on fake.detach(), or the wrong model's output). Compute it from "
+        "this step's parameters (no .detach() on their path), or give the step the optimizer of the parameters "
+        "its loss depends on."
+    )
+
+
 # ---------------------------------------------------------------- model-tracked losses
 
 _collected: list[torch.Tensor] | None = None  # set only while a training step's forward runs

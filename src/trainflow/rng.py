@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture", "restore", "capture_torch", "restore_torch"]
+__all__ = ["capture", "restore", "capture_torch", "restore_torch", "dataset_generators"]
 
 
 def _generators(iterable: Any) -> list[torch.Generator]:
@@ -100,3 +100,43 @@ def restore(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def dataset_generators(iterable: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` s a DataLoader's dataset keeps as attributes (augmentation drawn in ``__getitem__``).
+
+    Looked for on the dataset and, through wrappers such as ``Subset`` and ``ConcatDataset``
+    (their ``dataset`` / ``datasets``), on the datasets inside it; each generator once, in the
+    order found. A run's checkpoint holds their states, so a resumed run draws what the
+    interrupted one would have drawn next.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, Subset
+        >>> class Noisy(torch.utils.data.Dataset):
+        ...     def __init__(self):
+        ...         self.generator = torch.Generator().manual_seed(0)
+        ...     def __len__(self):
+        ...         return 4
+        ...     def __getitem__(self, i):
+        ...         return torch.randn(2, generator=self.generator)
+        >>> data = Noisy()
+        >>> dataset_generators(DataLoader(Subset(data, [0, 1]))) == [data.generator]
+        True
+    """
+    found: list[torch.Generator] = []
+    queue, seen = [getattr(iterable, "dataset", None)], set()
+    while queue:
+        dataset = queue.pop(0)
+        if dataset is None or id(dataset) in seen:
+            continue
+        seen.add(id(dataset))
+        attrs = getattr(dataset, "__dict__", {})
+        for value in attrs.values():
+            if isinstance(value, torch.Generator) and all(value is not g for g in found):
+                found.append(value)
+        queue.append(attrs.get("dataset"))
+        inner = attrs.get("datasets")
+        if isinstance(inner, (list, tuple)):
+            queue.extend(inner)
+    return found

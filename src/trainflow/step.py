@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,6 +56,17 @@ def _schedulers(scheduler: Any) -> tuple[Schedule, ...]:
     schedulers = tuple(scheduler) if isinstance(scheduler, (list, tuple)) else (scheduler,)
     out = []
     for i, s in enumerate(schedulers):
+        if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) or (
+            isinstance(s, Schedule) and isinstance(s.schedule, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        ):
+            raise TypeError(
+                "Step: `scheduler` cannot be a ReduceLROnPlateau: a step's schedulers are stepped after each update "
+                "(or epoch) with no argument, and ReduceLROnPlateau.step needs the monitored value. "
+                f"Received: scheduler[{i}] of type ReduceLROnPlateau. Step it from a callback that sees the value, e.g. "
+                "`def on_epoch_end(self, trainer, logs): plateau.step(logs['val/loss'])` (give that callback "
+                "state_dict/load_state_dict returning plateau's, so a resume restores it), or pass a schedule of the "
+                "update count."
+            )
         if isinstance(s, Schedule):
             out.append(s)
         elif callable(getattr(s, "step", None)) or callable(s):
@@ -66,6 +78,25 @@ def _schedulers(scheduler: Any) -> tuple[Schedule, ...]:
                 f"{type(s).__name__}. Build one on this step's optimizer, e.g. torch.optim.lr_scheduler.StepLR(opt, 10)."
             )
     return tuple(out)
+
+
+def _check_arity(fn: Callable, what: str, args: tuple[str, ...], fix: str) -> None:
+    """Raise when ``fn`` cannot be called with ``len(args)`` positional arguments (checked now, not at update 1)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature (a builtin): trust it
+        return
+    try:
+        signature.bind(*([None] * len(args)))
+    except TypeError:
+        count = {1: "one argument", 2: "two arguments"}[len(args)]
+        raise TypeError(
+            f"{what} must accept {count} ({', '.join(args)}). Received: a function with signature {signature}. {fix}"
+        ) from None
+
+
+def _no_loss(batch: Any) -> None:
+    """The loss slot of a custom step, which has none (its update function differentiates)."""
 
 
 def _default_name(loss: Callable) -> str | None:
@@ -168,12 +199,15 @@ class Step:
                 "Use 'train' (the default) or the key of a stream passed to fit(data={...})."
             )
         if clip_grad_norm is not None and (
-            isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float)) or clip_grad_norm <= 0
+            isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
+            or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0  # `nan <= 0` is False: test finiteness
         ):
             raise ValueError(
-                f"Step: `clip_grad_norm` must be a positive number or None. Received: clip_grad_norm={clip_grad_norm!r}. "
-                "Use e.g. clip_grad_norm=1.0."
+                "Step: `clip_grad_norm` must be a positive, finite number or None. "
+                f"Received: clip_grad_norm={clip_grad_norm!r}. Use e.g. clip_grad_norm=1.0, or None not to clip."
             )
+        _check_arity(loss, "Step: `loss`", ("batch",), "Define it as `def loss(batch): ...`; a function "
+                     "of (batch, ctx) that steps its optimizers itself is a Step.custom(update, optimizer).")
         self.loss = loss
         self.optimizers = _optimizers(optimizer)
         self.name = name if name is not None else _default_name(loss)
@@ -232,17 +266,9 @@ class Step:
                 f"Step.custom: `update` must be a function update(batch, ctx). Received: update={update!r} "
                 f"of type {type(update).__name__}."
             )
-        try:
-            inspect.signature(update).bind(None, None)
-        except TypeError:
-            raise TypeError(
-                f"Step.custom: `update` must accept two arguments (batch, ctx). Received: a function with "
-                f"signature {inspect.signature(update)}. Define it as `def update(batch, ctx): ...`."
-            ) from None
-        except ValueError:  # no signature (a builtin): trust it
-            pass
-        step = cls(update, optimizer, name=name, repeat=repeat, batch=batch, data=data,
-                   clip_grad_norm=clip_grad_norm, scheduler=scheduler)
+        _check_arity(update, "Step.custom: `update`", ("batch", "ctx"), "Define it as `def update(batch, ctx): ...`.")
+        step = cls(_no_loss, optimizer, name=_default_name(update) if name is None else name, repeat=repeat,
+                   batch=batch, data=data, clip_grad_norm=clip_grad_norm, scheduler=scheduler)
         step.update, step.loss = update, None
         return step
 

@@ -18,7 +18,9 @@ from trainflow.data.streams import Stream, open_streams
 from trainflow.events import Events
 from trainflow.flow import Flow
 from trainflow.custom import Guard, UpdateContext, check_result
-from trainflow.losses import Term, check_finite, collect_added, parse_loss, sum_forms, total_of
+from trainflow.losses import (
+    Term, check_finite, collect_added, no_grad_message, parse_loss, sum_forms, total_of, unreached_message,
+)
 from trainflow.metrics import Metrics
 from trainflow.params import KEEP_EVAL, named_parameters
 from trainflow.precision import Precision
@@ -57,12 +59,22 @@ def _device(device: Any) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        chosen = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(
             f"Trainer: `device` must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device. "
             f"Received: device={device!r}. Use device='auto' to pick CUDA when it is available."
         ) from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (chosen.index is not None and chosen.index >= count):
+            have = "no CUDA device is available" if count == 0 else f"only {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            raise ValueError(
+                f"Trainer: `device` names a CUDA device this machine does not have: {have}. "
+                f"Received: device={device!r}. Use device='auto' (CUDA when available, else the CPU), 'cpu', "
+                "or an index below torch.cuda.device_count()."
+            )
+    return chosen
 
 
 class _Plan:
@@ -70,7 +82,7 @@ class _Plan:
 
     __slots__ = (
         "step", "params", "owns_all", "keys", "loss_key", "update_schedules", "epoch_schedules", "by_optimizer",
-        "guard", "zero_grad_params", "zero_grad_opts",
+        "guard", "zero_grad_params", "zero_grad_opts", "reached",
     )
 
     def __init__(self, step: Step, named: list[tuple[str, torch.Tensor]]) -> None:
@@ -101,6 +113,7 @@ class _Plan:
         self.loss_key = self.key("loss")
         # a custom update runs user code that could touch anything: watch the other parameters
         self.guard = Guard([(n, p) for n, p in named if id(p) not in params]) if step.update else None
+        self.reached = False  # set once an update's loss has given one of the step's parameters a gradient
         self.update_schedules = tuple(s for s in step.schedulers if s.interval == "update")
         self.epoch_schedules = tuple(s for s in step.schedulers if s.interval == "epoch")
 
@@ -117,10 +130,19 @@ class _Plan:
         When the step owns every parameter of the models there is nothing to isolate from, and
         a plain ``backward()`` gives the same gradients without autograd's per-call input map.
         """
-        if self.owns_all and loss.requires_grad:
+        if not loss.requires_grad:
+            self.trainable()  # all frozen: that error says more
+            raise ValueError(no_grad_message(self.step.name))
+        if self.owns_all:
             loss.backward()
         else:
             loss.backward(inputs=self.trainable())
+
+    def check_reached(self) -> None:
+        """After the first update's backward: the loss must give some of the step's parameters a gradient."""
+        if all(p.grad is None for p in self.trainable()):
+            raise ValueError(unreached_message(self.step.name))
+        self.reached = True
 
     def trainable(self) -> list[torch.Tensor]:
         params = [p for p in self.params if p.requires_grad]
@@ -157,8 +179,10 @@ class Trainer:
         on_nonfinite: what a NaN or infinite loss (or gradient) does: ``"raise"`` an error
             naming the step, loss and update; ``"skip"`` the update (weights and optimizer
             state untouched, counted in ``trainer.skipped``); or ``"stop"`` ``fit`` cleanly
-            (a ``Checkpoint`` callback then saves). On CUDA, "raise" reads the loss every
-            50 updates only (no per-update host sync); "skip" and "stop" read one flag per update.
+            (a ``Checkpoint`` callback then saves). A skipped update's losses are not averaged
+            into the epoch's means. A custom step decides before each ``ctx.step`` (see
+            :mod:`trainflow.custom`). On CUDA, "raise" reads the loss every 50 updates only (no
+            per-update host sync); "skip" and "stop" read one flag per update.
 
     Counters: ``trainer.epoch`` (completed epochs) and ``trainer.updates`` (optimizer updates
     of all steps); ``trainer.max_epochs`` / ``trainer.max_updates`` are the current ``fit``'s
@@ -362,14 +386,16 @@ class Trainer:
             if self.should_stop or self.updates >= limit:
                 return False
             step = flow.current
+            skipped = self.skipped
             losses = self._update(step, plans[step])
             if losses is None:
                 return True
             self.updates += 1
             flow.advance()
             self.losses = losses
-            for key, value in losses.items():
-                record.setdefault(key, []).append(value)
+            if self.skipped == skipped:  # a dropped update is counted in trainer.skipped, not averaged
+                for key, value in losses.items():
+                    record.setdefault(key, []).append(value)
             for handler in handlers:
                 handler(self, step, losses)
 
@@ -406,6 +432,8 @@ class Trainer:
             )
             values = {plan.key(name): value for name, value in window.items()}
             loss = total_of([Term(k, v) for k, v in values.items()])
+        if not plan.reached:
+            plan.check_reached()
         if not self._finite(loss, values, step, plan):
             return self._drop_update(step, values)
         if step.clip_grad_norm is not None:
@@ -431,7 +459,10 @@ class Trainer:
             return collect_added(step.loss, batch)
 
     def _forward(self, step: Step, batch: Any) -> list[Term]:
-        return self._terms(step, *self._call_loss(step, batch))
+        terms = self._terms(step, *self._call_loss(step, batch))
+        if not any((t.value if t.total is None else t.total).requires_grad for t in terms):
+            raise ValueError(no_grad_message(step.name))
+        return terms
 
     @staticmethod
     def _terms(step: Step, out: Any, added: list[torch.Tensor]) -> list[Term]:
@@ -447,7 +478,8 @@ class Trainer:
         return terms
 
     def _custom_update(self, step: Step, plan: _Plan, batch: Any) -> dict[str, torch.Tensor]:
-        ctx = UpdateContext(step, self.precision, plan.by_optimizer)
+        check = None if self.on_nonfinite == "raise" else self._all_finite
+        ctx = UpdateContext(step, self.precision, plan.by_optimizer, check)
         plan.guard.arm()
         with self.precision.autocast():
             out, _ = collect_added(step.update, batch, ctx, into=ctx._aux)
@@ -462,11 +494,14 @@ class Trainer:
                 "changed nothing. Call ctx.minimize(loss, opt) or ctx.step(opt) in it."
             )
         plan.guard.check(step.name)
-        self.precision.update()
-        for schedule in plan.update_schedules:
-            schedule.step()
+        if ctx.applied:
+            self.precision.update()
         terms = parse_loss(check_result(out, step.name), step.name) if out is not None else []
         values = {plan.key(t.name): t.value.detach() for t in terms}
+        if ctx.dropped:  # a ctx.step met a non-finite value and stepped nothing from there on
+            return self._drop_update(step, values)
+        for schedule in plan.update_schedules:
+            schedule.step()
         if values and self.on_nonfinite == "raise":  # it has stepped already: report only
             self._finite(total_of([Term(k, v) for k, v in values.items()]), values, step, None)
         return values
@@ -483,11 +518,15 @@ class Trainer:
                 check_finite([Term(k.split("/", 1)[1], v) for k, v in values.items()], step.name, self.updates + 1)
                 check_finite([Term("loss", loss)], step.name, self.updates + 1)  # e.g. inf - inf
             return True
-        flags = [torch.isfinite(loss)]
-        grads = [p.grad for p in plan.params if p.grad is not None] if plan is not None else []
+        return self._all_finite([loss], plan.params if plan is not None else ())
+
+    def _all_finite(self, losses: list[torch.Tensor], params: Iterable[torch.Tensor]) -> bool:
+        """Whether the losses and the gradients of ``params`` are all finite (one read of one flag)."""
+        flags = [torch.isfinite(loss).all() for loss in losses]
+        grads = [p.grad for p in params if p.grad is not None]
         if grads and self.precision.scaler is None:  # under float16 the loss scaler handles overflow
             flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
-        return bool(torch.stack(flags).all())
+        return bool(torch.stack(flags).all()) if flags else True
 
     def _drop_update(self, step: Step, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Leave weights and optimizer state as they were; count the skip or stop the run."""
@@ -632,6 +671,10 @@ class Trainer:
                 "skipped": self.skipped,
                 "in_epoch": self._in_epoch,
                 "streams": {name: stream.state_dict() for name, stream in self._streams.items()},
+                "dataset_rng": {  # generators a dataset keeps for itself (augmentation in __getitem__)
+                    name: [g.get_state() for g in rng.dataset_generators(stream.iterable)]
+                    for name, stream in self._streams.items()
+                },
                 "last_stream": self._last_stream,
                 "last_batches": len(self._last_batches),
                 "epoch_losses": {k: torch.stack(v) for k, v in self._epoch_losses.items() if v},
@@ -704,6 +747,9 @@ class Trainer:
             kept = streams[name].replay(stream_state, keep)
             if keep:
                 self._last_batches, self._last_stream = kept, name
+        for name, states in loop.get("dataset_rng", {}).items():  # after the replay, which may have drawn
+            for generator, saved in zip(rng.dataset_generators(streams[name].iterable), states):
+                generator.set_state(saved)
         self._in_epoch = bool(loop["in_epoch"])
         rng.restore(loop["rng"])
         self._resume_loop = None

@@ -276,8 +276,10 @@ class Checkpoint:
                 json.dump(index, f, indent=2)
                 f.write("\n")
             os.replace(tmp, self._folder / INDEX)
-        except BaseException:
+        except BaseException as error:
             Path(tmp).unlink(missing_ok=True)
+            if checkpoint._disk_full(error, self._folder):
+                raise checkpoint._no_space(self._folder / INDEX, error) from error
             raise
 
     @staticmethod

@@ -158,6 +158,12 @@ def open_streams(data: Any, needed: Mapping[str, str], device: torch.device) -> 
     else:
         streams = {TRAIN: data}
     for name, iterable in streams.items():
+        if isinstance(iterable, torch.Tensor):  # iterable, but row by row: each row would be a "batch"
+            raise TypeError(
+                f"fit: data stream {name!r} is a tensor, which iterates row by row: each row would be one batch. "
+                f"Received: a Tensor of shape {tuple(iterable.shape)}. Wrap it in a DataLoader, e.g. "
+                "DataLoader(TensorDataset(x, y), batch_size=32), or pass a list of batches."
+            )
         if isinstance(iterable, (str, bytes)) or not isinstance(iterable, Iterable):
             raise TypeError(
                 f"fit: data stream {name!r} must be an iterable of batches (e.g. a DataLoader). "
