@@ -215,7 +215,7 @@ def test_add_loss_rejects_a_non_scalar_inside_a_step():
         return out.mean()
 
     trainer = Trainer(model, Step(loss, torch.optim.SGD(model.parameters(), lr=0.1)), device="cpu")
-    with pytest.raises(ValueError, match=r"must be a scalar \(0-dim\) tensor\. Received: a tensor of shape \(8, 3\)"):
+    with pytest.raises(ValueError, match=r"must be a scalar \(0-dim or one-element\) tensor\. Received: a tensor of shape \(8, 3\)"):
         trainer.fit(regression_loader(n=8), epochs=1)
     with pytest.raises(ValueError, match=r"Received: a tensor of shape \(2,\)"):
         add_loss(torch.ones(2))  # outside a step too

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import doctest
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 import trainflow.cli
 from trainflow.cli import main
@@ -31,7 +36,7 @@ def test_run_writes_artifacts_and_reports_them(tmp_path, capsys):
     for name in ("metrics.csv", "curves.png", "weights.pt"):
         assert (out_dir / name).stat().st_size > 0
         assert str(out_dir / name) in out
-    assert not re.search(r"^epoch 1\b.* updates 23\b", out, re.M)  # --no-progress: no ProgressBar line
+    assert re.search(r"^epoch 1/1\b.* updates 23\b", out, re.M)  # --no-progress: no bar, still the epoch line
     assert "val/acc" in out and "Final epoch:" in out
 
 
@@ -59,3 +64,40 @@ def test_bad_input_exits_with_2(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _cli(args: list[str], cwd) -> subprocess.CompletedProcess:
+    """``trainflow ...`` in a fresh process, as a person types it (output captured: not a terminal)."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "trainflow.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_the_same_command_twice_writes_a_new_version_and_resume_continues_the_newest(tmp_path):
+    first = _cli(["run", "alternating", "--epochs", "1"], tmp_path)
+    assert "'alternating' finished in" in first.stdout
+    second = _cli(["run", "alternating", "--epochs", "1"], tmp_path)
+    assert (f"runs{os.sep}alternating holds an earlier run; this run writes runs{os.sep}alternating-2 "
+            "(`trainflow run alternating --resume` continues the newest run instead).") in second.stdout
+    third = _cli(["run", "alternating", "--epochs", "1"], tmp_path)
+    assert f"this run writes runs{os.sep}alternating-3 " in third.stdout
+    for folder in ("alternating", "alternating-2", "alternating-3"):
+        assert (tmp_path / "runs" / folder / "weights.pt").is_file()
+    first_weights, second_weights = (torch.load(tmp_path / "runs" / f / "weights.pt", weights_only=True)
+                                     for f in ("alternating", "alternating-2"))
+    assert all(torch.equal(first_weights["model"][k], v) for k, v in second_weights["model"].items())
+
+    done = _cli(["run", "alternating", "--epochs", "1", "--resume"], tmp_path)
+    newest = Path("runs") / "alternating-3"
+    assert f"Resuming {newest} from {newest / 'checkpoints' / 'ckpt-u000000079-e1.pt'} (update 79, 1 epoch(s) done)." \
+        in done.stdout
+    assert (f"{newest} already finished at epoch 1: nothing to train. Train further with "
+            f"`trainflow run alternating --out {newest} --resume --epochs N` (N > 1).") in done.stdout
+    assert "nothing to do" not in done.stderr  # the library's warning is said in the command's words
+
+    further = _cli(["run", "alternating", "--epochs", "2", "--resume"], tmp_path)
+    assert f"Resuming {newest} from" in further.stdout and "'alternating' finished in" in further.stdout
+    assert sum(1 for _ in open(tmp_path / newest / "metrics.csv")) == 3  # a header and two epochs

@@ -320,7 +320,7 @@ def test_step_custom_argument_errors():
     [
         ([1.0, 2.0], TypeError, r"must return None, a scalar tensor or a dict of them to log\. Received: list"),
         ((torch.tensor(1.0), torch.tensor(2.0)), TypeError, r"Received: tuple"),
-        ({"d_loss": torch.ones(3)}, ValueError, r"loss 'd_loss' must be a scalar \(0-dim\) tensor"),
+        ({"d_loss": torch.ones(3)}, ValueError, r"loss 'd_loss' must be a scalar \(0-dim or one-element\) tensor"),
         ({"d_loss": 0.5}, TypeError, r"loss 'd_loss' must be a scalar tensor"),
     ],
     ids=["list", "tuple", "non-scalar", "float"],

@@ -337,7 +337,7 @@ def test_fit_val_data_without_val_step(model, opt):
 @pytest.mark.parametrize(
     ("value", "error", "pattern"),
     [
-        (torch.ones(3), ValueError, r"Step 'fit': loss 'loss' must be a scalar \(0-dim\) tensor.*shape \(3,\).*loss.mean\(\)"),
+        (torch.ones(3), ValueError, r"Step 'fit': loss 'loss' must be a scalar \(0-dim or one-element\) tensor.*shape \(3,\).*loss.mean\(\)"),
         ("0.5", TypeError, r"Step 'fit': loss 'loss' must be a scalar tensor.*Received: loss='0.5' of type str"),
         ({"mse": 1.0}, TypeError, r"Step 'fit': loss 'mse' must be a scalar tensor.*Received: mse=1.0 of type float"),
         ({}, ValueError, r"Step 'fit': the loss function returned an empty dict"),

@@ -459,3 +459,40 @@ def test_property_every_trainable_param_in_exactly_one_group(case):
         assert id(p) in _ids(by_name[owner[n]]["params"])
         assert by_name[owner[n]]["lr"] == rules[owner[n]]["lr"]
     torch.optim.SGD(groups)
+
+
+# --- rules that leave parameters out (value None) -------------------------------
+
+
+def test_none_rule_leaves_its_parameters_out_and_trains_like_the_conv_only_optimizer(net):
+    hand, start = copy.deepcopy(net), copy.deepcopy(net)
+    groups = param_groups(net, {"conv*": {}, "*": None})
+    assert [(g["name"], _ids(g["params"])) for g in groups] == [("conv*", _ids(_params(net, "conv")))]
+    _train(net, torch.optim.SGD(groups, lr=0.1))
+    _train(hand, torch.optim.SGD(_params(hand, "conv"), lr=0.1))
+    for (name, a), b in zip(net.named_parameters(), hand.parameters()):
+        assert torch.equal(a, b), name
+    moved = {n for (n, a), b in zip(net.named_parameters(), start.parameters()) if not torch.equal(a, b)}
+    assert moved == {n for n, _ in net.named_parameters() if n.startswith("conv")}
+
+
+def test_none_rule_still_checks_patterns_for_typos(net):
+    with pytest.raises(ValueError, match=r"Rule 'fcc\*' in `rules` matches no parameter"):
+        param_groups(net, {"conv*": {}, "fcc*": None})
+
+
+def test_error_unmatched_parameters_mention_the_none_rule(net):
+    with pytest.raises(ValueError, match=r"'\*': None to leave them out of the optimizer"):
+        param_groups(net, {"conv*": {}})
+
+
+def test_error_every_rule_none(net):
+    with pytest.raises(
+        ValueError, match=r"Every rule in `rules` is None.*\{'conv\*': \{\}, '\*': None\}.*Received: rules=\{'\*': None\}"
+    ):
+        param_groups(net, {"*": None})
+
+
+def test_error_rule_value_neither_dict_nor_none_says_none_is_allowed(net):
+    with pytest.raises(TypeError, match=r"must be a dict of hyperparameters, or None.*\{'fc\*': None\}"):
+        param_groups(net, {"conv*": {}, "fc*": 0.01})

@@ -488,3 +488,102 @@ def test_describe_lists_steps_groups_frozen_and_idle_parameters():
     assert "20 (1 frozen tensors)" in text  # 4*5 weights trainable, the bias frozen
     assert "frozen: net.0.bias" in text
     assert "WARNING: trainable parameters that no step updates: extra.weight, extra.bias" in text
+
+
+# ---------------------------------------------------------------- defaults a person sees
+
+_PROGRESS_SCRIPT = """
+import sys, torch
+from trainflow import Step, Trainer
+model = torch.nn.Linear(2, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+data = [torch.ones(4, 2)] * 3
+Trainer(model, Step(lambda x: model(x).pow(2).mean(), opt, name="l2"), progress=sys.argv[1] == "on").fit(data, epochs=2)
+print("DONE")
+"""
+
+
+def _run_progress_script(progress: str, terminal: bool) -> str:
+    import os
+    import pty
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+           "COLUMNS": "100"}
+    for key in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "NO_COLOR", "TERM"):
+        env.pop(key, None)
+    env["TERM"] = "xterm"
+    if not terminal:
+        done = subprocess.run([sys.executable, "-c", _PROGRESS_SCRIPT, progress], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", _PROGRESS_SCRIPT, progress], env=env, stdout=follower,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_a_terminal_gets_a_progress_bar_and_epoch_lines_by_default():
+    shown = _run_progress_script("on", terminal=True)
+    assert "epoch 1/2" in shown and "epoch 2/2" in shown and "DONE" in shown
+
+
+def test_no_progress_output_in_a_pipe_or_with_progress_false():
+    assert _run_progress_script("on", terminal=False) == "DONE\n"
+    assert "epoch" not in _run_progress_script("off", terminal=True)
+
+
+def test_a_given_progress_bar_is_not_doubled():
+    from trainflow.callbacks import ProgressBar
+
+    bar = ProgressBar()
+    model = nn.Linear(2, 1)
+    trainer = Trainer(model, Step(lambda x: model(x).sum(), torch.optim.SGD(model.parameters(), lr=0.1)),
+                      callbacks=[bar])
+    assert [type(cb) for cb in trainer.events.callbacks] == [ProgressBar]
+
+
+def test_error_progress_not_a_bool():
+    model = nn.Linear(2, 1)
+    with pytest.raises(TypeError, match=r"`progress` must be True or False. Received: progress='auto'"):
+        Trainer(model, Step(lambda x: model(x).sum(), torch.optim.SGD(model.parameters(), lr=0.1)),
+                progress="auto")
+
+
+@pytest.mark.parametrize(
+    ("limits", "match"),
+    [
+        ({"epochs": 2}, r"already reached epochs=2 \(trainer.epoch == 2\).*e.g. fit\(data, epochs=4\)"),
+        ({"max_updates": 3}, r"already reached max_updates=3 \(trainer.updates == \d+\).*fit\(data, max_updates="),
+    ],
+)
+def test_fit_with_nothing_to_do_says_so_and_how_to_train_further(limits, match):
+    model = nn.Linear(2, 1)
+    trainer = Trainer(model, Step(lambda x: model(x).pow(2).mean(), torch.optim.SGD(model.parameters(), lr=0.1)))
+    data = [torch.ones(4, 2)] * 3
+    trainer.fit(data, epochs=2)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning, match=r"fit: nothing to do: this trainer has " + match):
+        trainer.fit(data, **limits)
+    assert_same_weights_dict(before, model.state_dict())
+    assert trainer.epoch == 2
+
+
+def assert_same_weights_dict(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

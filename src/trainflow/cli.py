@@ -5,14 +5,22 @@
 in ``<out>/checkpoints``; ``trainflow run mlp --resume`` continues from the newest one. On
 SIGTERM or Ctrl-C the run stops at the next update boundary with a checkpoint, the command
 says how to resume it, and exits with code 0.
+
+Run folders are versioned, as Lightning's log folders are: a run never writes over an earlier
+one. When ``runs/mlp`` already holds a run, the same command writes ``runs/mlp-2`` (then
+``runs/mlp-3``...) and says so; ``--resume`` continues the newest of them (or the ``--out``
+folder given), and on a finished run says at which epoch it finished and how to train further
+(``--resume --epochs N``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -51,12 +59,16 @@ def _parsers(names: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Ar
     run.add_argument("example", nargs="?", choices=names, help=f"one of: {', '.join(names)}")
     run.add_argument("--list", action="store_true", help="list the examples and exit")
     run.add_argument("--epochs", type=_int_at_least(1), default=None, help="epochs (default: the example's)")
-    run.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<example>)")
+    run.add_argument(
+        "--out", type=Path, default=None,
+        help="output folder (default: runs/<example>; when it holds a run, the next free <out>-2, <out>-3...)",
+    )
     run.add_argument("--seed", type=_int_at_least(0), default=0, help="global torch seed (default: 0)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (still one line per epoch)")
     run.add_argument(
         "--resume", action="store_true",
-        help="continue from the newest checkpoint in <out>/checkpoints (a fresh start when there is none)",
+        help="continue a run from its newest checkpoint: the --out folder, else the newest run of the example "
+        "(a fresh start when there is none)",
     )
     return parser, run
 
@@ -65,8 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``trainflow`` command line; return the exit code.
 
     Usage: ``trainflow run <example> [--epochs N] [--out DIR] [--seed S] [--no-progress] [--resume]``
-    and ``trainflow run --list``. An unknown example exits with code 2 and the valid names, and
-    so does a fresh run (no ``--resume``) into a folder that holds an earlier run's checkpoints.
+    and ``trainflow run --list``. An unknown example exits with code 2 and the valid names. A
+    run into a folder that holds an earlier run writes the next version (``<out>-2``...).
 
     Example:
         >>> from trainflow.cli import main
@@ -88,18 +100,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.example is None:
         run_parser.error(f"name an example to run (one of: {', '.join(names)}), or pass --list.")
-    out_dir = args.out if args.out is not None else Path("runs") / args.example
+    base = args.out if args.out is not None else Path("runs") / args.example
+    out_dir = _run_folder(base, args.resume, explicit=args.out is not None)
     resume_command = f"trainflow run {args.example} --out {out_dir} --resume"
-    if not args.resume and checkpoint.latest(out_dir / "checkpoints") is not None:
-        run_parser.error(
-            f"{out_dir / 'checkpoints'} holds checkpoints of an earlier run. Continue it with "
-            f"`{resume_command}`, or start afresh in another folder (--out) or after deleting that one."
-        )
-    _, run = EXAMPLES[args.example]
     before = _newest_entry(out_dir / "checkpoints")
+    if args.resume and before is not None:
+        print(f"Resuming {out_dir} from {out_dir / 'checkpoints' / before['file']} "
+              f"(update {before['update']}, {before['epoch']} epoch(s) done).")
+    elif out_dir != base:
+        print(f"{base} holds an earlier run; this run writes {out_dir} "
+              f"(`trainflow run {args.example} --resume` continues the newest run instead).")
+    _, run = EXAMPLES[args.example]
     start = time.perf_counter()
-    logs = run(out_dir, epochs=args.epochs, progress=not args.no_progress, seed=args.seed, resume=args.resume)
+    with warnings.catch_warnings():  # said below, in the command's own words
+        warnings.filterwarnings("ignore", message="fit: nothing to do", category=UserWarning)
+        logs = run(out_dir, epochs=args.epochs, progress=not args.no_progress, seed=args.seed, resume=args.resume)
     stopped = _newest_entry(out_dir / "checkpoints")
+    if args.resume and before is not None and stopped == before:  # the run had already reached its epochs
+        print(f"{out_dir} already finished at epoch {before['epoch']}: nothing to train. Train further with "
+              f"`trainflow run {args.example} --out {out_dir} --resume --epochs N` (N > {before['epoch']}).")
+        return 0
     if stopped is not None and stopped != before and stopped.get("reason") == "signal":  # saved by this run
         print(
             f"\n{args.example!r} was interrupted by a signal after {time.perf_counter() - start:.1f} s, at update "
@@ -115,6 +135,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in logs.items():
         print(f"  {key:<12} {value:.4f}")
     return 0
+
+
+def _versions(base: Path) -> list[Path]:
+    """``base`` and its existing versions ``base-2``, ``base-3``..., oldest first."""
+    pattern = re.compile(re.escape(base.name) + r"-([2-9]|[1-9]\d+)")
+    found = [(int(m.group(1)), d) for d in (base.parent.iterdir() if base.parent.is_dir() else ())
+             if (m := pattern.fullmatch(d.name)) and d.is_dir()]
+    return [base] + [d for _, d in sorted(found)]
+
+
+def _holds_run(folder: Path) -> bool:
+    return checkpoint.latest(folder / "checkpoints") is not None
+
+
+def _run_folder(base: Path, resume: bool, explicit: bool) -> Path:
+    """The folder a run writes.
+
+    ``--resume`` continues ``--out`` itself when it is given, else the newest version of
+    ``runs/<example>`` that holds a run; a fresh run takes ``base`` or its first free version.
+    """
+    if resume:
+        return base if explicit else next((d for d in reversed(_versions(base)) if _holds_run(d)), base)
+    if not _holds_run(base):
+        return base
+    n = 2
+    while _holds_run(base.with_name(f"{base.name}-{n}")):
+        n += 1
+    return base.with_name(f"{base.name}-{n}")
 
 
 def _newest_entry(folder: Path) -> dict | None:

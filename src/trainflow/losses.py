@@ -77,11 +77,13 @@ def _check_tensor(value: Any, step: str, name: str) -> torch.Tensor:
             "Return a tensor, e.g. `torch.nn.functional.mse_loss(pred, y)`."
         )
     if value.ndim != 0:
-        raise ValueError(
-            f"Step {step!r}: loss {name!r} must be a scalar (0-dim) tensor, a mean over the batch. "
-            f"Received: a tensor of shape {tuple(value.shape)}. "
-            "Reduce it first, e.g. `loss.mean()`, or return trainflow.Average(loss.sum(), count)."
-        )
+        if value.numel() != 1:
+            raise ValueError(
+                f"Step {step!r}: loss {name!r} must be a scalar (0-dim or one-element) tensor, a mean over the "
+                f"batch. Received: a tensor of shape {tuple(value.shape)}. "
+                "Reduce it first, e.g. `loss.mean()`, or return trainflow.Average(loss.sum(), count)."
+            )
+        value = value.reshape(())  # one element, as `backward()` accepts it (e.g. torch.mean(x, dim=0) of shape (1,))
     return value
 
 
@@ -215,11 +217,12 @@ def add_loss(value: torch.Tensor) -> None:
             f"add_loss: `value` must be a scalar tensor. Received: value={_short(value)} of type "
             f"{type(value).__name__}. Pass a tensor, e.g. add_loss(1e-2 * x.pow(2).mean())."
         )
-    if value.ndim != 0:
+    if value.numel() != 1:
         raise ValueError(
-            f"add_loss: `value` must be a scalar (0-dim) tensor. Received: a tensor of shape "
+            f"add_loss: `value` must be a scalar (0-dim or one-element) tensor. Received: a tensor of shape "
             f"{tuple(value.shape)}. Reduce it first, e.g. add_loss(x.sum())."
         )
+    value = value.reshape(()) if value.ndim else value
     if _collected is not None:
         _collected.append(value)
 

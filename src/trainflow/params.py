@@ -27,6 +27,9 @@ Decisions, in brief:
 * ``freeze(..., batchnorm="eval")`` also keeps the batch-norm layers it freezes in
   eval mode during ``Trainer.fit`` (running statistics fixed, like Keras's
   ``trainable=False``); the default ``"train"`` is PyTorch's behaviour.
+* A rule whose value is ``None`` claims its parameters and leaves them out of the
+  optimizer (``{"conv*": {}, "*": None}``: optimize only the conv layers). Leaving
+  parameters out is then explicit, and the coverage check below still catches typos.
 * A rule that matches no parameter, a rule whose every parameter was already
   taken by an earlier rule, and a trainable parameter that no rule matches are
   all errors: each is almost always a typo or a mis-ordered rule.
@@ -152,12 +155,14 @@ def _check_rules(rules: Any, defaults: dict[str, Any]) -> None:
                 f"{pattern!r} of type {type(pattern).__name__}. Write the pattern "
                 f"as a string, e.g. 'fc*'. {received}"
             )
+        if hparams is None:  # its parameters are left out of the optimizer
+            continue
         if not isinstance(hparams, Mapping):
             raise TypeError(
                 f"The value of rule {pattern!r} in `rules` must be a dict of "
-                f"hyperparameters, but got {type(hparams).__name__}. Write e.g. "
-                f"{{{pattern!r}: {{'lr': 0.01}}}}, or {{{pattern!r}: {{}}}} to use "
-                f"the defaults. {received}"
+                f"hyperparameters, or None to leave its parameters out, but got "
+                f"{type(hparams).__name__}. Write e.g. {{{pattern!r}: {{'lr': 0.01}}}}, "
+                f"{{{pattern!r}: {{}}}} to use the defaults, or {{{pattern!r}: None}}. {received}"
             )
         if "params" in hparams:
             raise ValueError(
@@ -178,7 +183,7 @@ def _check_rules(rules: Any, defaults: dict[str, Any]) -> None:
                 f"but {key!r} is set per group. Set 'name' inside a rule, e.g. "
                 f"{{'fc*': {{'name': 'head'}}}}; 'params' comes from the patterns."
             )
-    names = [hp.get("name", p) for p, hp in rules.items()]
+    names = [hp.get("name", p) for p, hp in rules.items() if hp is not None]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(
@@ -190,7 +195,7 @@ def _check_rules(rules: Any, defaults: dict[str, Any]) -> None:
 
 def param_groups(
     model: nn.Module | Mapping[str, nn.Module],
-    rules: Mapping[str, Mapping[str, Any]],
+    rules: Mapping[str, Mapping[str, Any] | None],
     **defaults: Any,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups from glob rules over parameter names.
@@ -201,7 +206,8 @@ def param_groups(
     ``[{"params": [...], "name": ..., **defaults, **hyperparameters}, ...]``
     in rule order, parameters in ``named_parameters()`` order, ready for any
     ``torch.optim`` optimizer. Frozen parameters are left out and need no
-    rule; a rule that matches only frozen parameters gives no group.
+    rule; a rule that matches only frozen parameters gives no group. A rule whose
+    value is ``None`` leaves the parameters it matches out of every group.
 
     Raises ValueError for a rule that matches no parameter, a rule entirely
     shadowed by earlier rules, or a trainable parameter that no rule matches.
@@ -215,6 +221,8 @@ def param_groups(
     >>> opt = torch.optim.SGD(groups, lr=0.1)
     >>> [g["lr"] for g in opt.param_groups]
     [0.1, 0.01]
+    >>> [g["name"] for g in param_groups(net, {"conv*": {}, "*": None})]  # only the conv layer
+    ['conv*']
     """
     named = named_parameters(model, argument="model")
     _check_rules(rules, defaults)
@@ -251,23 +259,30 @@ def param_groups(
         raise ValueError(
             f"{len(unmatched)} trainable parameter(s) of `model` match no rule in "
             f"`rules`: {_listing(unmatched)}. Add a rule for them, e.g. a last "
-            f"catch-all rule '*': {{}}, or freeze them with freeze(model, ...). "
+            f"catch-all rule '*': {{}}, or '*': None to leave them out of the "
+            f"optimizer, or freeze them with freeze(model, ...). "
             f"Received: rules={_short(rules)}"
         )
 
     groups = []
     for pattern, hparams in rules.items():
         params = [p for n, p in named if p.requires_grad and claimed.get(n) == pattern]
-        if params:
+        if params and hparams is not None:
             extra = {k: v for k, v in hparams.items() if k != "name"}
             groups.append(
                 {"params": params, "name": hparams.get("name", pattern), **defaults, **extra}
             )
-    if not groups:
+    if not groups and any(hp is not None for hp in rules.values()):
         raise ValueError(
             f"Every parameter of `model` is frozen (requires_grad=False), so there "
             f"is nothing to optimize. Unfreeze some, e.g. unfreeze(model, 'fc*'). "
             f"Received: model={_short(model)}"
+        )
+    if not groups:
+        raise ValueError(
+            f"Every rule in `rules` is None, so every parameter is left out and there "
+            f"is nothing to optimize. Give the parameters to optimize a dict of "
+            f"hyperparameters, e.g. {{'conv*': {{}}, '*': None}}. Received: rules={_short(rules)}"
         )
     return groups
 

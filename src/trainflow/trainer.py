@@ -13,6 +13,7 @@ from torch import nn
 
 from trainflow import checkpoint, rng
 from trainflow.accumulation import accumulate_window
+from trainflow.callbacks.progress_bar import ProgressBar, is_terminal
 from trainflow.data.batch import move, split
 from trainflow.data.streams import Stream, open_streams
 from trainflow.events import Events
@@ -183,6 +184,9 @@ class Trainer:
             into the epoch's means. A custom step decides before each ``ctx.step`` (see
             :mod:`trainflow.custom`). On CUDA, "raise" reads the loss every 50 updates only (no
             per-update host sync); "skip" and "stop" read one flag per update.
+        progress: when standard output is a terminal, show a progress bar and one summary line
+            per epoch (a :class:`~trainflow.callbacks.ProgressBar`, unless ``callbacks`` holds
+            one already). Never in a pipe, a log file or a test. ``progress=False`` turns it off.
 
     Counters: ``trainer.epoch`` (completed epochs) and ``trainer.updates`` (optimizer updates
     of all steps); ``trainer.max_epochs`` / ``trainer.max_updates`` are the current ``fit``'s
@@ -219,6 +223,7 @@ class Trainer:
         compile: bool = False,
         out_dir: str | Path | None = None,
         on_nonfinite: str = "raise",
+        progress: bool = True,
     ) -> None:
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
@@ -235,6 +240,13 @@ class Trainer:
         self._host_reads = self.device.type == "cpu"  # reading a value costs no device sync
         self.metrics = Metrics(metrics)
         self.events = Events(callbacks)
+        if not isinstance(progress, bool):
+            raise TypeError(
+                f"Trainer: `progress` must be True or False. Received: progress={progress!r}. "
+                "Pass progress=False to show no progress bar in a terminal."
+            )
+        if progress and is_terminal() and not any(isinstance(cb, ProgressBar) for cb in self.events.callbacks):
+            self.events.add(ProgressBar())
         if not isinstance(compile, bool):
             raise TypeError(f"Trainer: `compile` must be True or False. Received: compile={compile!r}.")
         if out_dir is not None and not isinstance(out_dir, (str, Path)):
@@ -314,6 +326,8 @@ class Trainer:
         self._warn_batchnorm()
         self.should_stop = False
         self.stop_reason = None
+        if self._done(epochs, max_updates):
+            warnings.warn(self._nothing_to_do_message(epochs, max_updates), UserWarning, stacklevel=2)
         modes = _modes(self.models)
         try:
             for model in self.models.values():
@@ -369,6 +383,18 @@ class Trainer:
             f"accumulate={step.accumulate} with partial_window='drop', so every epoch drops its only window and "
             f"no update ever happens. Received: accumulate={step.accumulate}, {taken} batch(es) per epoch. "
             "Lower accumulate, pass more data, or use partial_window='apply'."
+        )
+
+    def _nothing_to_do_message(self, epochs: int | None, max_updates: int | None) -> str:
+        if epochs is not None and self.epoch >= epochs:
+            done, limit, more = f"trainer.epoch == {self.epoch}", f"epochs={epochs}", f"epochs={self.epoch + epochs}"
+        else:
+            done, limit, more = (f"trainer.updates == {self.updates}", f"max_updates={max_updates}",
+                                 f"max_updates={self.updates + (max_updates or 1)}")
+        return (
+            f"fit: nothing to do: this trainer has already reached {limit} ({done}). Limits are totals for the "
+            f"trainer, so that fit continues an interrupted run; to train further, raise the limit, e.g. "
+            f"fit(data, {more})."
         )
 
     def _start_epoch(self) -> None:

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from trainflow.callbacks._args import number
 from trainflow.callbacks._values import floats, fmt
 
-__all__ = ["ProgressBar"]
+__all__ = ["ProgressBar", "is_terminal"]
 
 
 def summary(trainer: Any, logs: dict[str, float], seconds: float) -> str:
@@ -19,6 +19,16 @@ def summary(trainer: Any, logs: dict[str, float], seconds: float) -> str:
     values = "".join(f"  {key} {fmt(v)}" for key, v in logs.items())
     of = f"/{trainer.max_epochs}" if getattr(trainer, "max_epochs", None) else ""
     return f"epoch {trainer.epoch}{of}  updates {trainer.updates}{values}  ({seconds:.1f}s)"
+
+
+def is_terminal() -> bool:
+    """Whether standard output is a terminal (rich's test: it also honours FORCE_COLOR and TTY_COMPATIBLE).
+
+    Example:
+        >>> is_terminal()  # under a test runner, output is captured
+        False
+    """
+    return Console().is_terminal
 
 
 class ProgressBar:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
+from rich.console import Console
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
@@ -154,9 +155,10 @@ def run_callbacks(progress: bool, *extra: Any, first: tuple[Any, ...] = ()) -> l
 
     ``first`` (callbacks that add epoch values the loggers must see), then CSVLogger, then
     Checkpoint (after it, so a checkpoint holds the CSV rows), then ``extra``, then a progress
-    bar when ``progress``.
+    bar (when ``progress`` is False, only its one line per epoch).
     """
-    return [*first, CSVLogger(), Checkpoint(every_epochs=1), *extra, *([ProgressBar()] if progress else [])]
+    bar = ProgressBar() if progress else ProgressBar(console=Console(force_terminal=False))
+    return [*first, CSVLogger(), Checkpoint(every_epochs=1), *extra, bar]
 
 
 def interrupted(trainer: Trainer) -> bool:
