@@ -815,7 +815,7 @@ class Trainer:
         for name, opt in self.optimizers.items():
             saved_groups = state["optimizers"][name].get("param_groups", [])
             if types is not None and types.get(name) != type(opt).__name__:
-                problems.append(f"optimizer {name!r} is a {type(opt).__name__}, the state's a {types.get(name)}")
+                problems.append(f"optimizer {name!r} is {type(opt).__name__} here, {types.get(name)} in the state")
             elif types is None and saved_groups and opt.param_groups and (
                 set(saved_groups[0]) - {"params"} != set(opt.param_groups[0]) - {"params"}
             ):  # a file from before the types were saved: other hyperparameters, another optimizer

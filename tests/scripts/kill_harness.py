@@ -9,9 +9,9 @@ schedulers, metrics, loop counters, stream positions, RNG states, logs) must has
 uninterrupted run's SHA-256, and it must end with the same ``done`` line (updates, epoch, stop).
 
 Kill points (``kill_run.py --pause``): ``end`` (after ``fit`` returned, its last checkpoint
-written), one ``write:U`` (half-way through writing a checkpoint file) and the rest
-``forward:U:1`` (inside the loss of update U: mid-epoch, the newest checkpoint up to 2
-updates behind), spread over the run, the last epoch always included. ``tests/test_kill_setups.py``
+written), ``forward:U:1`` for the update before the last (inside its loss: the newest checkpoint,
+up to 2 updates behind, is inside the last epoch), one ``write:U`` (half-way through writing a
+checkpoint file) and the rest ``forward:U:1`` at random updates. ``tests/test_kill_setups.py``
 runs a reduced set in the suite; this script writes the figures of docs/guides/checkpoints.md.
 """
 
@@ -37,14 +37,19 @@ UPDATE = re.compile(r"^update (\d+)$", re.M)
 EVERY = 3
 
 
-def kill_points(total: int, per_epoch: int, n: int, rnd: random.Random) -> list[str]:
-    """``n`` kill points (n >= 3): the end, one mid-save, and mid-update ones (the last epoch among them)."""
-    last_epoch = list(range(total - per_epoch + 1, total + 1))
-    forward = {rnd.choice(last_epoch)}
-    while len(forward) < min(n - 2, total):
-        forward.add(rnd.randint(1, total))
-    saves = [u for u in range(EVERY, total + 1, EVERY)]
-    return ["end", f"write:{rnd.choice(saves)}", *(f"forward:{u}:1" for u in sorted(forward))]
+def kill_points(total: int, n: int, rnd: random.Random) -> list[str]:
+    """``n`` kill points (n >= 2) of a run of ``total`` updates.
+
+    Always the end and the update before the last (mid-epoch in the last epoch: resumed from a
+    checkpoint inside that epoch); from 3 on, one mid-save and random mid-update points.
+    """
+    points = ["end", f"forward:{total - 1}:1"]
+    if n >= 3:
+        points.append(f"write:{rnd.choice(range(EVERY, total + 1, EVERY))}")
+    candidates = [u for u in range(1, total - 1)]
+    for u in sorted(rnd.sample(candidates, min(n - len(points), len(candidates)))):
+        points.append(f"forward:{u}:1")
+    return points
 
 
 def kill_and_resume(server: Server, setup: str, point: str, root: Path) -> tuple[str, str]:
@@ -69,10 +74,9 @@ def run_setup(server: Server, setup: str, root: Path, points: list[str] | None =
     text = child.text()
     expected_done = re.search(r"^done .*$", text, re.M).group(0)
     expected = re.search(r"^digest (\w+)$", text, re.M).group(1)
-    updates = [int(u) for u in UPDATE.findall(text)]
-    epochs = int(re.search(r"epoch=(\d+)", expected_done).group(1))
+    total = max(int(u) for u in UPDATE.findall(text))
     if points is None:
-        points = kill_points(updates[-1], updates[-1] // epochs, n, rnd or random.Random(setup))
+        points = kill_points(total, n, rnd or random.Random(setup))
     results = {}
     for point in points:
         done, final = kill_and_resume(server, setup, point, root)
@@ -82,7 +86,7 @@ def run_setup(server: Server, setup: str, root: Path, points: list[str] | None =
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kill_harness.py")
-    parser.add_argument("--points", type=int, default=5, help="kill points per set-up (>= 3)")
+    parser.add_argument("--points", type=int, default=5, help="kill points per set-up (>= 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--setups", default=",".join(SETUPS))
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")

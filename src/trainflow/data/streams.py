@@ -164,19 +164,21 @@ class Stream:
         if self.rng_first is not None:
             rng.restore_torch(self.rng_first, self.iterable)
         skip = consumed - keep
-        if skip > 0 and _map_style_in_process(self.iterator):
-            # a map-style DataLoader in this process: advance its sampler without loading samples
-            for _ in range(skip):
-                self.iterator._next_index()
-            self.iterator._num_yielded += skip
-        else:  # anything else (an iterable dataset, workers): read and drop the batches
-            for taken in range(skip):
-                if next(self.iterator, _END) is _END:
-                    raise ValueError(
-                        f"fit: data stream {self.name!r} yields only {taken} batch(es) now, but the state being "
-                        f"resumed had taken {consumed} in this pass. Received: other data than the interrupted "
-                        "run's. Resume with the same data (and batch size), or start a fresh run."
-                    )
+        # a map-style DataLoader in this process: advance its sampler without loading samples;
+        # anything else (an iterable dataset, workers): read the batches and drop them
+        fast = _map_style_in_process(self.iterator)
+        advance = self.iterator._next_index if fast else self.iterator.__next__
+        for taken in range(max(skip, 0)):
+            try:
+                advance()
+            except StopIteration:
+                raise ValueError(
+                    f"fit: data stream {self.name!r} yields only {taken} batch(es) now, but the state being "
+                    f"resumed had taken {consumed} in this pass. Received: other data than the interrupted "
+                    "run's. Resume with the same data (and batch size), or start a fresh run."
+                ) from None
+        if fast:
+            self.iterator._num_yielded += max(skip, 0)
         kept = [next(self.iterator) for _ in range(keep)]
         for gen, saved in zip(rng._generators(self.iterable), state.get("generators", [])):
             gen.set_state(saved)
@@ -185,9 +187,6 @@ class Stream:
         self.consumed = consumed
         self.exhausted = state["exhausted"]
         return kept
-
-
-_END = object()
 
 
 def _persistent(iterable: Any) -> bool:
