@@ -167,13 +167,14 @@ def test_resuming_persistent_workers_after_their_first_pass_warns(tmp_path):
 
 
 def _saved(tmp_path, **fit):
-    trainer = _trainer(tmp_path, [Checkpoint(every_epochs=1)])
+    trainer = _trainer(tmp_path, [Checkpoint(every_updates=4, every_epochs=1)])
     trainer.fit(DataLoader(_tensors(), batch_size=4, shuffle=True), **fit)
     return trainer
 
 
-def test_another_batch_size_is_refused_before_anything_is_loaded(tmp_path):
-    _saved(tmp_path, epochs=1)
+@pytest.mark.parametrize("fit", [{"epochs": 1}, {"max_updates": 8}], ids=["epoch-end", "mid-epoch"])
+def test_another_batch_size_is_refused_before_anything_is_loaded(tmp_path, fit):
+    _saved(tmp_path, **fit)
     torch.manual_seed(5)
     fresh = _trainer(tmp_path)
     before = {k: v.clone() for k, v in fresh.models["model"].state_dict().items()}
