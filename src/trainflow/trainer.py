@@ -300,7 +300,11 @@ class Trainer:
         With ``val_data``, ``val_step(batch)`` runs after every epoch under ``evaluate``.
         ``resume="latest"`` continues from the newest checkpoint in ``<out_dir>/checkpoints``
         (and starts fresh when there is none); a path continues from that file. A resumed run
-        ends bit-identical (CPU) to one that was never interrupted.
+        ends bit-identical (CPU) to one that was never interrupted; one whose state was saved
+        after it stopped itself (``EarlyStopping``, ``on_nonfinite="stop"``; not a signal) stays
+        stopped: no update, the saved ``stop_reason``. The checkpoint is checked against the
+        trainer and ``data`` (optimizer types, each stream's batches and batch size) before
+        anything is loaded.
         """
         self._check_limits(epochs, max_updates)
         if (val_data is None) != (val_step is None):
@@ -614,6 +618,8 @@ class Trainer:
         """Ask ``fit`` to return after the current update (e.g. from a callback).
 
         ``trainer.stop_reason`` keeps the first reason given ("requested", "nonfinite", "signal"...).
+        The stop is part of :meth:`state_dict` (except a "signal" one): a run resumed from a state
+        saved after it does no update.
         """
         self.should_stop = True
         if self.stop_reason is None:
@@ -706,8 +712,9 @@ class Trainer:
 
         Models, optimizers, schedules, the loss scaler, the flow's position in its cycle, the
         counters, each data stream's position in its pass (with the RNG states its iterator was
-        made under), the random generators, metric states, the epoch's loss records and the
-        state of every callback that has one. Taken between two updates, so no accumulation
+        made under), the random generators, metric states, the epoch's loss records, the stop
+        the run asked for, tensors its optimizers train outside the models (``params``) and the
+        state of every callback that has one, keyed by ``state_key`` or class name. Taken between two updates, so no accumulation
         window is ever half-done: a window is inside one update.
         """
         return {

@@ -109,7 +109,8 @@ class Unfreeze(_Toggle):
     train them: ``fit`` checks this at its start. Build the optimizer before freezing
     (``param_groups`` leaves parameters that are already frozen out). Batch-norm layers
     frozen with ``batchnorm="eval"`` go back to train mode when their parameters unfreeze.
-    A run resumed after ``at_epoch`` unfreezes them when ``fit`` starts.
+    A run resumed after ``at_epoch`` unfreezes them when ``fit`` starts; every ``Freeze`` and
+    ``Unfreeze`` due by then acts again in epoch order (then list order), as they acted first.
 
     Example:
         >>> import torch
