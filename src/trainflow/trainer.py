@@ -714,8 +714,9 @@ class Trainer:
         counters, each data stream's position in its pass (with the RNG states its iterator was
         made under), the random generators, metric states, the epoch's loss records, the stop
         the run asked for, tensors its optimizers train outside the models (``params``) and the
-        state of every callback that has one, keyed by ``state_key`` or class name. Taken between two updates, so no accumulation
-        window is ever half-done: a window is inside one update.
+        state of every callback that has one, keyed by ``state_key`` or class name. Taken
+        between two updates, so no accumulation window is ever half-done: a window is inside
+        one update.
         """
         return {
             "models": {name: m.state_dict() for name, m in self.models.items()},
@@ -743,12 +744,16 @@ class Trainer:
                 "last_batches": len(self._last_batches),
                 "epoch_losses": {k: torch.stack(v) for k, v in self._epoch_losses.items() if v},
                 "logs": dict(self.logs),
-                # a stop the run asked for itself; a signal's stop is to be continued
-                "stop_reason": (self.stop_reason or "requested")
-                if self.should_stop and self.stop_reason != "signal" else None,
+                "stop_reason": self._saved_stop(),
                 "rng": rng.capture(),
             },
         }
+
+    def _saved_stop(self) -> str | None:
+        """The stop the run asked for itself (it stays stopped on resume); a signal's is to be continued."""
+        if not self.should_stop or self.stop_reason == "signal":
+            return None
+        return self.stop_reason or "requested"
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; the next ``fit`` continues exactly there.

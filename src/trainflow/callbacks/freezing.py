@@ -75,6 +75,8 @@ class _Toggle:
 
     def on_fit_start(self, trainer: Any) -> None:
         toggles = [cb for cb in trainer.events.callbacks if isinstance(cb, _Toggle)]
+        if self not in toggles:
+            toggles = [self]  # called by hand, not as one of the trainer's callbacks
         if toggles[0] is not self:
             return  # the first Freeze/Unfreeze of the trainer acts for all of them
         for toggle in toggles:
