@@ -125,7 +125,9 @@ def test_an_early_stopped_run_resumed_stays_stopped(tmp_path):
     first = run(tmp_path)
     assert (first.epoch, first.updates, first.stop_reason) == (3, 18, "requested")
     for _ in range(3):  # the same script again and again: no update, the same end
-        again = run(tmp_path)
+        with pytest.warns(UserWarning, match=r"fit: nothing to do: the run being resumed stopped itself "
+                                             r"\(stop_reason='requested'\), so it stays stopped"):
+            again = run(tmp_path)
         assert (again.epoch, again.updates, again.stop_reason) == (3, 18, "requested")
         assert _same_models(first, again)
 

@@ -5,8 +5,9 @@ stresses one way a resumed run can drift from an uninterrupted one: a shuffle, w
 sampler's own generator, random numbers drawn in a collate function or a worker, dropout,
 schedulers that depend on the update or epoch count, metrics and validation, an early stop, a
 second stream, an iterable dataset, a parameter outside the models, persistent workers, a
-batch sampler's generator, freezing callbacks listed out of epoch order. Every loss calls
-``pauser.loss_call()`` so that ``kill_run.py --pause forward:U:M`` can stop it there.
+batch sampler's generator, freezing callbacks listed out of epoch order, a dataset's own
+generator. Every loss calls ``pauser.loss_call()`` so that ``kill_run.py --pause forward:U:M``
+can stop it there.
 
 Every set-up trains for ``EPOCHS[name]`` epochs, checkpointing every 3 updates and every epoch.
 """
@@ -29,7 +30,7 @@ from trainflow.callbacks import Checkpoint, CSVLogger, EarlyStopping, Freeze, Un
 EPOCHS = {
     "shuffled": 3, "workers": 3, "weighted": 3, "collate": 3, "dropout": 3, "onecycle": 3, "warm_restarts": 4,
     "val_best": 3, "early_stop": 8, "two_streams": 3, "iterable": 3, "free_param": 3, "persistent": 3,
-    "batch_sampler": 3, "freeze_order": 4, "persistent_random": 3,
+    "batch_sampler": 3, "freeze_order": 4, "dataset_generator": 3, "persistent_random": 3,
 }
 #: set-ups outside the promise (docs/guides/checkpoints.md, limits): run for the figures, expected to differ
 LIMITS = {"persistent_random": "persistent workers drawing random numbers in __getitem__: their generators "
@@ -52,6 +53,17 @@ class Noisy(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[i] + 0.1 * torch.randn(4), self.y[i]
+
+
+class OwnNoise(Noisy):
+    """Map-style: the noise comes from the dataset's own generator (an attribute: it is checkpointed)."""
+
+    def __init__(self, n: int = 24) -> None:
+        super().__init__(n)
+        self.generator = torch.Generator().manual_seed(11)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i] + 0.1 * torch.randn(4, generator=self.generator), self.y[i]
 
 
 class Stream(IterableDataset):
@@ -210,6 +222,10 @@ def persistent(out, pauser, printer):
     loader = DataLoader(_tensors(), batch_size=4, shuffle=True, num_workers=2, persistent_workers=True,
                         multiprocessing_context="fork")
     return _simple(out, pauser, printer, loader)
+
+
+def dataset_generator(out, pauser, printer):
+    return _simple(out, pauser, printer, DataLoader(OwnNoise(), batch_size=4, shuffle=True))
 
 
 def persistent_random(out, pauser, printer):
