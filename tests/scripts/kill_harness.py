@@ -38,12 +38,12 @@ EVERY = 3
 
 
 def kill_points(total: int, n: int, rnd: random.Random) -> list[str]:
-    """``n`` kill points (n >= 2) of a run of ``total`` updates.
+    """``n`` kill points of a run of ``total`` updates.
 
-    Always the end and the update before the last (mid-epoch in the last epoch: resumed from a
-    checkpoint inside that epoch); from 3 on, one mid-save and random mid-update points.
+    First the update before the last (mid-epoch in the last epoch: resumed from a checkpoint
+    inside that epoch), then the end; from 3 on, one mid-save and random mid-update points.
     """
-    points = ["end", f"forward:{total - 1}:1"]
+    points = [f"forward:{total - 1}:1", "end"][:n]
     if n >= 3:
         points.append(f"write:{rnd.choice(range(EVERY, total + 1, EVERY))}")
     candidates = [u for u in range(1, total - 1)]
@@ -86,7 +86,7 @@ def run_setup(server: Server, setup: str, root: Path, points: list[str] | None =
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kill_harness.py")
-    parser.add_argument("--points", type=int, default=5, help="kill points per set-up (>= 2)")
+    parser.add_argument("--points", type=int, default=5, help="kill points per set-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--setups", default=",".join(SETUPS))
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
