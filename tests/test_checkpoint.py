@@ -185,11 +185,19 @@ def test_saves_when_fit_stops_early(tmp_path):
     assert names(folder) == ["ckpt-u000000004-e1.pt", "ckpt-u000000005-e1.pt", "index.json"]
     assert index(folder)["checkpoints"][-1]["reason"] == "requested"
 
-    # it continues from there to the same end as a run that never stopped
+    # the stop is part of the state: the same script run again ends where the first run ended
+    again = trainer_with([StopAt5(), Checkpoint(every_epochs=1)], tmp_path)
+    again.fit(data(), epochs=3, resume="latest")
+    assert (again.updates, again.stop_reason) == (5, "requested")
+
+    # with the stop taken out of the state it continues to the same end as a run that never stopped
     full = trainer_with([], tmp_path / "full")
     full.fit(data(), epochs=3)
     resumed = trainer_with([Checkpoint(every_epochs=1)], tmp_path)
-    resumed.fit(data(), epochs=3, resume="latest")
+    state = checkpoint.load(checkpoint.latest(tmp_path / "checkpoints"))
+    state["loop"]["stop_reason"] = None
+    resumed.load_state_dict(state)
+    resumed.fit(data(), epochs=3)
     assert resumed.updates == 12
     for a, b in zip(full.models["model"].parameters(), resumed.models["model"].parameters()):
         assert torch.equal(a, b)

@@ -16,12 +16,26 @@ __all__ = ["capture", "restore", "capture_torch", "restore_torch", "dataset_gene
 
 
 def _generators(iterable: Any) -> list[torch.Generator]:
-    """The private generators of a DataLoader and its sampler (they advance on each new epoch)."""
-    found = []
-    for owner in (iterable, getattr(iterable, "sampler", None), getattr(iterable, "batch_sampler", None)):
+    """The private generators of a DataLoader and its samplers (they advance on each new epoch).
+
+    Wherever the standard samplers keep them: the loader's, its sampler's and batch sampler's,
+    and those of the samplers they wrap (``BatchSampler(RandomSampler(..., generator=g))``), in
+    a fixed order (loader, then depth first through ``sampler`` and ``batch_sampler``).
+    """
+    found: list[torch.Generator] = []
+    seen: set[int] = set()
+
+    def visit(owner: Any, depth: int) -> None:
+        if owner is None or id(owner) in seen or depth > 8:
+            return
+        seen.add(id(owner))
         gen = getattr(owner, "generator", None)
         if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
             found.append(gen)
+        for attr in ("sampler", "batch_sampler"):
+            visit(getattr(owner, attr, None), depth + 1)
+
+    visit(iterable, 0)
     return found
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -258,6 +259,7 @@ class Trainer:
         self._plans = {step: _Plan(step, named) for step in self.flow.steps}
         self._step_order = {step.name: i for i, step in enumerate(self.flow.steps)}
         self.optimizers = self._name_optimizers()
+        self._free_params = self._name_free_params(named)
         for model in self.models.values():
             model.to(self.device)
             if compile:
@@ -298,11 +300,13 @@ class Trainer:
         With ``val_data``, ``val_step(batch)`` runs after every epoch under ``evaluate``.
         ``resume="latest"`` continues from the newest checkpoint in ``<out_dir>/checkpoints``
         (and starts fresh when there is none); a path continues from that file. A resumed run
-        ends bit-identical (CPU) to one that was never interrupted.
+        ends bit-identical (CPU) to one that was never interrupted; one whose state was saved
+        after it stopped itself (``EarlyStopping``, ``on_nonfinite="stop"``; not a signal) stays
+        stopped: no update, the saved ``stop_reason``. The checkpoint is checked against the
+        trainer and ``data`` (optimizer types, each stream's batches and batch size) before
+        anything is loaded.
         """
         self._check_limits(epochs, max_updates)
-        if resume is not None:
-            self._load_for_resume(resume)
         if (val_data is None) != (val_step is None):
             raise ValueError(
                 "fit: `val_data` and `val_step` go together. Received: "
@@ -315,6 +319,10 @@ class Trainer:
         for step in self.flow.steps:
             needed.setdefault(step.data, step.name)
         streams = open_streams(data, needed, self.device)
+        if resume is not None:
+            self._load_for_resume(resume, streams)
+        # a run that stopped itself (EarlyStopping, on_nonfinite="stop") and is resumed stays stopped
+        stopped = None if self._resume_loop is None else self._resume_loop.get("stop_reason")
         if self._resume_loop is not None:
             self._replay(streams, self._resume_loop)
         elif self._in_epoch and self._same_data(streams):
@@ -324,9 +332,17 @@ class Trainer:
         self._streams = streams
         self.max_epochs, self.max_updates = epochs, max_updates
         self._warn_batchnorm()
-        self.should_stop = False
-        self.stop_reason = None
-        if self._done(epochs, max_updates):
+        self.should_stop = stopped is not None
+        self.stop_reason = stopped
+        if stopped is not None:
+            warnings.warn(
+                f"fit: nothing to do: the run being resumed stopped itself (stop_reason={stopped!r}), so it "
+                "stays stopped, as the uninterrupted run did. To train further on purpose, set "
+                "state['loop']['stop_reason'] = None before trainer.load_state_dict(state).",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif self._done(epochs, max_updates):
             warnings.warn(self._nothing_to_do_message(epochs, max_updates), UserWarning, stacklevel=2)
         modes = _modes(self.models)
         try:
@@ -602,6 +618,8 @@ class Trainer:
         """Ask ``fit`` to return after the current update (e.g. from a callback).
 
         ``trainer.stop_reason`` keeps the first reason given ("requested", "nonfinite", "signal"...).
+        The stop is part of :meth:`state_dict` (except a "signal" one): a run resumed from a state
+        saved after it does no update.
         """
         self.should_stop = True
         if self.stop_reason is None:
@@ -667,6 +685,23 @@ class Trainer:
                     named[step.name if len(step.optimizers) == 1 else f"{step.name}.{i}"] = opt
         return named
 
+    def _name_free_params(self, named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Tensors an optimizer trains that are in none of the models (e.g. a learnt ``log_scale``).
+
+        They are saved and restored with the state, named by their place in the optimizer:
+        ``"<optimizer>.<group>.<index>"``.
+        """
+        in_models = {id(p) for _, p in named}
+        free: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for opt_name, opt in self.optimizers.items():
+            for g, group in enumerate(opt.param_groups):
+                for i, p in enumerate(group["params"]):
+                    if id(p) not in in_models and id(p) not in seen:
+                        seen.add(id(p))
+                        free[f"{opt_name}.{g}.{i}"] = p
+        return free
+
     def _schedulers(self) -> dict[str, Any]:
         return {
             f"{step.name}.{i}": s for step in self.flow.steps for i, s in enumerate(step.schedulers)
@@ -677,13 +712,17 @@ class Trainer:
 
         Models, optimizers, schedules, the loss scaler, the flow's position in its cycle, the
         counters, each data stream's position in its pass (with the RNG states its iterator was
-        made under), the random generators, metric states, the epoch's loss records and the
-        state of every callback that has one. Taken between two updates, so no accumulation
-        window is ever half-done: a window is inside one update.
+        made under), the random generators, metric states, the epoch's loss records, the stop
+        the run asked for, tensors its optimizers train outside the models (``params``) and the
+        state of every callback that has one, keyed by ``state_key`` or class name. Taken
+        between two updates, so no accumulation window is ever half-done: a window is inside
+        one update.
         """
         return {
             "models": {name: m.state_dict() for name, m in self.models.items()},
+            "params": {name: p.detach().clone() for name, p in self._free_params.items()},
             "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
+            "optimizer_types": {name: type(o).__name__ for name, o in self.optimizers.items()},
             "schedulers": {name: s.state_dict() for name, s in self._schedulers().items()},
             "precision": self.precision.state_dict(),
             "flow": self.flow.state_dict(),
@@ -705,9 +744,16 @@ class Trainer:
                 "last_batches": len(self._last_batches),
                 "epoch_losses": {k: torch.stack(v) for k, v in self._epoch_losses.items() if v},
                 "logs": dict(self.logs),
+                "stop_reason": self._saved_stop(),
                 "rng": rng.capture(),
             },
         }
+
+    def _saved_stop(self) -> str | None:
+        """The stop the run asked for itself (it stays stopped on resume); a signal's is to be continued."""
+        if not self.should_stop or self.stop_reason == "signal":
+            return None
+        return self.stop_reason or "requested"
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; the next ``fit`` continues exactly there.
@@ -726,6 +772,19 @@ class Trainer:
         for part, mine in (("optimizers", self.optimizers), ("schedulers", self._schedulers())):
             if sorted(state[part]) != sorted(mine):
                 problems.append(f"{part}: the state has {sorted(state[part])}, this trainer has {sorted(mine)}")
+        saved_params = state.get("params", {})
+        if sorted(saved_params) != sorted(self._free_params):
+            problems.append(
+                f"parameters outside the models: the state has {sorted(saved_params)}, this trainer has "
+                f"{sorted(self._free_params)}"
+            )
+        else:
+            problems += [
+                f"parameter {n!r} has shape {tuple(p.shape)}, the state {tuple(saved_params[n].shape)}"
+                for n, p in self._free_params.items() if tuple(saved_params[n].shape) != tuple(p.shape)
+            ]
+        if not problems:
+            problems += self._optimizer_mismatch(state)
         if not problems:
             for name, opt in self.optimizers.items():
                 mine = [len(g["params"]) for g in opt.param_groups]
@@ -742,15 +801,16 @@ class Trainer:
         self.flow.load_state_dict(state["flow"])
         for name, model in self.models.items():
             model.load_state_dict(state["models"][name])
+        with torch.no_grad():
+            for name, p in self._free_params.items():
+                p.copy_(saved_params[name])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         for name, s in self._schedulers().items():
             s.load_state_dict(state["schedulers"][name])
         self.precision.load_state_dict(state["precision"])
         self.metrics.load_state_dict(state.get("metrics", {}))
-        for key, cb in self._stateful_callbacks().items():
-            if key in state.get("callbacks", {}):
-                cb.load_state_dict(state["callbacks"][key])
+        self._load_callbacks(state.get("callbacks", {}))
         loop = state["loop"]
         self.epoch = int(loop["epoch"])
         self.updates = int(loop["updates"])
@@ -760,14 +820,44 @@ class Trainer:
         self._in_epoch = False
         self._resume_loop = dict(loop)
 
-    def _replay(self, streams: dict[str, Stream], loop: dict[str, Any]) -> None:
-        """Put every stream where the saved run was, then the random generators."""
+    def _optimizer_mismatch(self, state: Mapping[str, Any]) -> list[str]:
+        """Optimizers of another type than the state's (SGD then, Adam now), named."""
+        types = state.get("optimizer_types")
+        problems = []
+        for name, opt in self.optimizers.items():
+            saved_groups = state["optimizers"][name].get("param_groups", [])
+            if types is not None and types.get(name) != type(opt).__name__:
+                problems.append(f"optimizer {name!r} is {type(opt).__name__} here, {types.get(name)} in the state")
+            elif types is None and saved_groups and opt.param_groups and (
+                set(saved_groups[0]) - {"params"} != set(opt.param_groups[0]) - {"params"}
+            ):  # a file from before the types were saved: other hyperparameters, another optimizer
+                problems.append(
+                    f"optimizer {name!r} ({type(opt).__name__}) has hyperparameters "
+                    f"{sorted(set(opt.param_groups[0]) - {'params'})}, the state's "
+                    f"{sorted(set(saved_groups[0]) - {'params'})}"
+                )
+        return problems
+
+    @staticmethod
+    def _check_streams(loop: Mapping[str, Any], streams: dict[str, Stream]) -> None:
+        """The data matches the streams the state was taken with: same names, batch size, batches."""
         missing = sorted(set(loop["streams"]) - set(streams))
         if missing:
             raise ValueError(
                 f"fit: the state being resumed was taken with data streams {sorted(loop['streams'])}; "
                 f"`data` lacks {missing}. Pass the same streams as the interrupted run."
             )
+        differ = [m for name, s in loop["streams"].items() if (m := streams[name].mismatch(s)) is not None]
+        if differ:
+            raise ValueError(
+                "fit: the data differs from the data of the state being resumed: " + "; ".join(differ) + ". "
+                "Received: other data (or another batch_size) than the interrupted run's. A checkpoint says "
+                "where the run was in its data, so resume with the same loaders, or start a fresh run."
+            )
+
+    def _replay(self, streams: dict[str, Stream], loop: dict[str, Any]) -> None:
+        """Put every stream where the saved run was, then the random generators."""
+        self._check_streams(loop, streams)
         for name, stream_state in loop["streams"].items():
             keep = loop["last_batches"] if name == loop["last_stream"] else 0
             kept = streams[name].replay(stream_state, keep)
@@ -780,7 +870,7 @@ class Trainer:
         rng.restore(loop["rng"])
         self._resume_loop = None
 
-    def _load_for_resume(self, resume: str | Path) -> None:
+    def _load_for_resume(self, resume: str | Path, streams: dict[str, Stream]) -> None:
         if resume == "latest":
             if self.out_dir is None:
                 raise ValueError(
@@ -796,14 +886,56 @@ class Trainer:
             raise TypeError(
                 f"fit: `resume` must be 'latest', a checkpoint path or None. Received: resume={resume!r}."
             )
-        self.load_state_dict(checkpoint.load(path))
+        state = checkpoint.load(path)
+        if isinstance(state, Mapping) and isinstance(state.get("loop"), Mapping) and "streams" in state["loop"]:
+            self._check_streams(state["loop"], streams)  # before anything is loaded
+        self.load_state_dict(state)
 
     def _stateful_callbacks(self) -> dict[str, Any]:
+        """Callbacks with state, keyed by a stable name: ``state_key`` if they have one, else the
+        class name, with ``.1``, ``.2``... for the second, third of the same key (in list order).
+        Inserting or moving another callback changes no key."""
         stateful = [
             cb for cb in self.events.callbacks
             if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))
-        ]  # keyed by position among stateful callbacks: adding a stateless one changes nothing
-        return {f"{i}:{type(cb).__name__}": cb for i, cb in enumerate(stateful)}
+        ]
+        keyed: dict[str, Any] = {}
+        counts: dict[str, int] = {}
+        for cb in stateful:
+            base = getattr(cb, "state_key", None)
+            if not isinstance(base, str) or not base:
+                base = type(cb).__name__
+            n = counts[base] = counts.get(base, -1) + 1
+            keyed[base if n == 0 else f"{base}.{n}"] = cb
+        return keyed
+
+    def _load_callbacks(self, saved: Mapping[str, Any]) -> None:
+        """Give each callback its saved state; say which saved states fit no callback, and the reverse."""
+        mine = self._stateful_callbacks()
+        if saved and all(re.fullmatch(r"\d+:\w+", k) for k in saved):
+            # a file keyed by position among stateful callbacks (older trainflow): map the positions
+            by_position = {f"{i}:{type(cb).__name__}": key for i, (key, cb) in enumerate(mine.items())}
+            saved = {by_position.get(k, k): v for k, v in saved.items()}
+        unknown = sorted(k for k in saved if k not in mine)
+        fresh = sorted(k for k in mine if k not in saved)
+        for key, cb in mine.items():
+            if key in saved:
+                cb.load_state_dict(saved[key])
+        if unknown:
+            warnings.warn(
+                f"The state holds callback state for {unknown}, which no callback of this trainer has (its "
+                f"stateful callbacks: {sorted(mine)}): that state is not loaded. Pass the same callbacks as "
+                "the interrupted run, or give a renamed one `state_key` = the old name.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if fresh:
+            warnings.warn(
+                f"The state holds no callback state for {fresh}: they start fresh (the state has "
+                f"{sorted(saved)}). Expected when a callback was added since the checkpoint was taken.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Every parameter of the models, named as in ``describe()`` (``"<model>.<name>"`` for a dict)."""

@@ -15,6 +15,7 @@ FLOW:
   SGD with momentum and a per-update StepLR, train and val accuracy, validation after each
   epoch; checkpoints every 2 updates and every epoch, keeping the best by ``val/acc``.
   4 epochs, 20 updates.
+- every set-up of ``setups.py`` (shuffled, workers, weighted, ..., freeze_order), one concern each.
 
 It prints ``update N`` (flushed) after each update, then ``done ...`` and ``digest HEX``: a
 SHA-256 over every tensor and number of the trainer's final state (models, optimizers,
@@ -26,6 +27,7 @@ schedulers, metrics, loop counters, stream positions and RNG states), and its la
   ``write:U``      halfway through writing checkpoint U's temporary file (the first save at U)
   ``replace:U``    after checkpoint U's temporary file is complete and fsynced, before its rename
   ``index:U``      after checkpoint U is complete, before ``index.json`` is replaced
+  ``end``          after ``fit`` has returned, before the run prints its result
 ``--throttle S`` sleeps S seconds after each update (so a kill can land at a random moment).
 
 ``--serve`` is a fork server: it imports torch once, then for each stdin line
@@ -58,6 +60,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trainflow import Step, Trainer, checkpoint
 from trainflow.callbacks import Checkpoint, CSVLogger
+
+from setups import EPOCHS as SETUP_EPOCHS, SETUPS
 
 torch.set_num_threads(1)
 
@@ -224,7 +228,8 @@ def accum(out: Path, pauser: Pauser, printer: Printer) -> tuple[Trainer, dict, d
     return trainer, loader(100, 6, 8, seed=3, classes=3), fit_kwargs
 
 
-FLOWS = {"gan": gan, "accum": accum}
+FLOWS = {"gan": gan, "accum": accum, **SETUPS}
+EPOCHS.update(SETUP_EPOCHS)
 
 
 def digest(obj: Any) -> str:
@@ -274,12 +279,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--throttle", type=float, default=0.0)
     args = parser.parse_args(argv)
     pauser = Pauser(args.pause)
+    seed_everything()  # the set-ups build their models from the seeded global RNG
     trainer, data, fit_kwargs = FLOWS[args.flow](args.out, pauser, Printer(args.throttle))
     pauser.trainer = trainer
     pauser.patch_saving()
     if checkpoint.latest(args.out / "checkpoints") is not None:
         reseed_from_os()
     trainer.fit(data, epochs=args.epochs or EPOCHS[args.flow], resume="latest", **fit_kwargs)
+    if args.pause == "end":  # fit has returned (its last checkpoint written); the process has not
+        pauser.pause("end")
     print(f"done updates={trainer.updates} epoch={trainer.epoch} stop_reason={trainer.stop_reason}", flush=True)
     parts = final_state(trainer)
     print("parts " + " ".join(f"{name}={digest(part)[:12]}" for name, part in parts.items()), flush=True)

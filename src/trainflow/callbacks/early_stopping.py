@@ -19,6 +19,8 @@ class EarlyStopping:
     when it is lower than ``best - min_delta`` (``mode="min"``) or higher than
     ``best + min_delta`` (``mode="max"``); a NaN never improves. The best value and the count
     of epochs without improvement are kept across ``fit`` calls and saved by ``state_dict``.
+    The stop itself is part of the trainer's state: a run resumed from a checkpoint saved after
+    it stays stopped (no update), as the uninterrupted run did.
 
     Args:
         monitor: the epoch value to watch, e.g. ``"val/loss"`` or ``"val/acc"``.

@@ -74,11 +74,19 @@ class _Toggle:
             module.train(not getattr(module, KEEP_EVAL, False))  # inside fit: the modes are set
 
     def on_fit_start(self, trainer: Any) -> None:
-        self._check(trainer, self._target(trainer))
+        toggles = [cb for cb in trainer.events.callbacks if isinstance(cb, _Toggle)]
+        if self not in toggles:
+            toggles = [self]  # called by hand, not as one of the trainer's callbacks
+        if toggles[0] is not self:
+            return  # the first Freeze/Unfreeze of the trainer acts for all of them
+        for toggle in toggles:
+            toggle._check(trainer, toggle._target(trainer))
         # A run resumed (or a fit continued) past at_epoch starts in the state the
-        # uninterrupted run had then: requires_grad is not part of a checkpoint.
-        if trainer.epoch >= self.at_epoch:
-            self._apply(trainer)
+        # uninterrupted run had then: requires_grad is not part of a checkpoint. So every
+        # toggle due by now acts again, in the order they acted then: by epoch, then as listed.
+        for toggle in sorted(toggles, key=lambda t: t.at_epoch):
+            if trainer.epoch >= toggle.at_epoch:
+                toggle._apply(trainer)
 
     def on_epoch_start(self, trainer: Any) -> None:
         if trainer.epoch == self.at_epoch:  # also done at fit start when it starts here: idempotent
@@ -103,7 +111,8 @@ class Unfreeze(_Toggle):
     train them: ``fit`` checks this at its start. Build the optimizer before freezing
     (``param_groups`` leaves parameters that are already frozen out). Batch-norm layers
     frozen with ``batchnorm="eval"`` go back to train mode when their parameters unfreeze.
-    A run resumed after ``at_epoch`` unfreezes them when ``fit`` starts.
+    A run resumed after ``at_epoch`` unfreezes them when ``fit`` starts; every ``Freeze`` and
+    ``Unfreeze`` due by then acts again in epoch order (then list order), as they acted first.
 
     Example:
         >>> import torch

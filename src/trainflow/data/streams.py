@@ -9,6 +9,7 @@ advanced, so making iterators at these same moments keeps runs bit-identical to 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -41,7 +42,9 @@ class Stream:
         [1, 2, 1]
     """
 
-    __slots__ = ("name", "iterable", "device", "on_cpu", "iterator", "consumed", "exhausted", "rng_start", "rng_first")
+    __slots__ = (
+        "name", "iterable", "device", "on_cpu", "iterator", "consumed", "exhausted", "rng_start", "rng_first", "reused",
+    )
 
     def __init__(self, name: str, iterable: Iterable, device: torch.device) -> None:
         self.name = name
@@ -53,11 +56,13 @@ class Stream:
         self.exhausted = False
         self.rng_start: dict[str, Any] | None = None
         self.rng_first: dict[str, Any] | None = None
+        self.reused = False  # whether this pass's iterator is a persistent-workers one, made earlier
 
     def restart(self) -> None:
         """Begin a new pass over the data (a new epoch for "train")."""
         self.rng_start = rng.capture_torch(self.iterable)
         self.rng_first = None
+        self.reused = _persistent(self.iterable) and self.iterable._iterator is not None
         self.iterator = iter(self.iterable)
         self.consumed = 0
         self.exhausted = False
@@ -107,7 +112,30 @@ class Stream:
             "started": self.iterator is not None,
             "rng_start": self.rng_start,
             "rng_first": self.rng_first,
+            "reused": self.reused,
+            "shape": self.shape(),
+            # the loader's own generators as they are now (a sampler may draw again at the end of a
+            # pass, when it raises StopIteration, which skipping to the saved position does not do)
+            "generators": [g.get_state() for g in rng._generators(self.iterable)],
         }
+
+    def shape(self) -> dict[str, int | None]:
+        """What a pass looks like: its number of batches and the loader's batch size (None: unknown)."""
+        try:
+            length = len(self.iterable)
+        except TypeError:  # an iterable dataset without __len__, a generator-like iterable
+            length = None
+        batch_size = getattr(self.iterable, "batch_size", None)
+        return {"batches": length, "batch_size": batch_size if isinstance(batch_size, int) else None}
+
+    def mismatch(self, state: dict[str, Any]) -> str | None:
+        """How this stream's shape differs from the one ``state`` was saved with (None: it does not)."""
+        saved, mine = state.get("shape"), self.shape()
+        if not state["started"] or saved is None:
+            return None
+        differ = [f"{k} {saved[k]} then, {mine[k]} now" for k in ("batches", "batch_size")
+                  if saved[k] is not None and mine[k] is not None and saved[k] != mine[k]]
+        return f"stream {self.name!r}: {', '.join(differ)}" if differ else None
 
     def replay(self, state: dict[str, Any], keep: int = 0) -> list[Any]:
         """Re-create the pass ``state`` describes; return its last ``keep`` batches (loaded)."""
@@ -116,25 +144,61 @@ class Stream:
             return []
         rng.restore_torch(state["rng_start"], self.iterable)
         self.iterator = iter(self.iterable)
-        self.rng_start, self.rng_first = state["rng_start"], state["rng_first"]
+        if state.get("reused") and _persistent(self.iterable):
+            # The pass was made by resetting persistent workers' iterator, which draws only the
+            # sampler's seed; a new iterator draws the workers' base seed first. Reset the new
+            # one under the same state, so the sampler draws exactly what it drew then.
+            rng.restore_torch(state["rng_start"], self.iterable)
+            self.iterator = iter(self.iterable)
+            warnings.warn(
+                f"Data stream {self.name!r} resumes after its first pass with persistent_workers=True: its "
+                "worker processes are new, seeded afresh, while the interrupted run's kept drawing from the "
+                "seeds of the first pass (worker generators are in no checkpoint). The batches are the same "
+                "unless the dataset draws random numbers (augmentation in __getitem__). For an exact resume "
+                "then, use persistent_workers=False or draw them in collate_fn.",
+                UserWarning,
+                stacklevel=4,
+            )
+        self.rng_start, self.rng_first, self.reused = state["rng_start"], state["rng_first"], bool(state.get("reused"))
         consumed = state["consumed"]
         if self.rng_first is not None:
             rng.restore_torch(self.rng_first, self.iterable)
         skip = consumed - keep
-        if skip > 0 and hasattr(self.iterator, "_next_index") and type(self.iterator).__name__ == "_SingleProcessDataLoaderIter":
-            # a map-style DataLoader in this process: advance its sampler without loading samples
-            for _ in range(skip):
-                self.iterator._next_index()
-            self.iterator._num_yielded += skip
-        else:
-            for _ in range(skip):
-                next(self.iterator)
+        # a map-style DataLoader in this process: advance its sampler without loading samples;
+        # anything else (an iterable dataset, workers): read the batches and drop them
+        fast = _map_style_in_process(self.iterator)
+        advance = self.iterator._next_index if fast else self.iterator.__next__
+        for taken in range(max(skip, 0)):
+            try:
+                advance()
+            except StopIteration:
+                raise ValueError(
+                    f"fit: data stream {self.name!r} yields only {taken} batch(es) now, but the state being "
+                    f"resumed had taken {consumed} in this pass. Received: other data than the interrupted "
+                    "run's. Resume with the same data (and batch size), or start a fresh run."
+                ) from None
+        if fast:
+            self.iterator._num_yielded += max(skip, 0)
         kept = [next(self.iterator) for _ in range(keep)]
+        for gen, saved in zip(rng._generators(self.iterable), state.get("generators", [])):
+            gen.set_state(saved)
         if not self.on_cpu:
             kept = [move(b, self.device) for b in kept]
         self.consumed = consumed
         self.exhausted = state["exhausted"]
         return kept
+
+
+def _persistent(iterable: Any) -> bool:
+    """A DataLoader that keeps its worker processes (and their iterator) from one pass to the next."""
+    return (isinstance(iterable, torch.utils.data.DataLoader) and iterable.persistent_workers
+            and iterable.num_workers > 0)
+
+
+def _map_style_in_process(iterator: Any) -> bool:
+    """An iterator over a map-style dataset in this process: its sampler can advance without loading."""
+    return (type(iterator).__name__ == "_SingleProcessDataLoaderIter" and hasattr(iterator, "_next_index")
+            and getattr(iterator, "_dataset_kind", None) == torch.utils.data.dataloader._DatasetKind.Map)
 
 
 def open_streams(data: Any, needed: Mapping[str, str], device: torch.device) -> dict[str, Stream]:
