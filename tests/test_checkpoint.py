@@ -163,7 +163,7 @@ def test_index_json_lists_every_kept_checkpoint(tmp_path):
     entries = listed["checkpoints"]
     assert [{k: e[k] for k in ("file", "update", "epoch", "value", "reason", "best", "last")} for e in entries] == [
         {"file": "ckpt-u000000006-e1.pt", "update": 6, "epoch": 1, "value": None, "reason": "update",
-         "best": False, "last": True},
+         "best": False, "last": False},  # kept (keep_last=2), but not the newest
         {"file": "ckpt-u000000008-e2.pt", "update": 8, "epoch": 2, "value": None, "reason": "epoch",
          "best": False, "last": True},
     ]
