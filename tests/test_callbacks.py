@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trainflow import Step, Trainer
 from trainflow.callbacks import CSVLogger, EarlyStopping, JSONLLogger, LossLogger, ProgressBar, TensorBoardLogger
+from trainflow.callbacks._values import Columns, duration, fmt
+from trainflow.callbacks.progress_bar import summary
 
 BATCHES = 4  # per epoch: 32 samples in batches of 8
 
@@ -112,7 +114,7 @@ def test_loss_logger_default_prints_one_line(capsys):
     trainer, _ = linear_trainer([recorder, LossLogger(every=4)])
     trainer.fit(data(), epochs=2)
     lines = capsys.readouterr().out.splitlines()
-    expected = [f"update {u}  mse/loss={recorder.at_update[u]['mse/loss']:.4g}" for u in (4, 8)]
+    expected = [f"update {u}  mse/loss={recorder.at_update[u]['mse/loss']:.4f}" for u in (4, 8)]
     assert lines == expected
 
 
@@ -154,12 +156,44 @@ def test_progress_bar_without_terminal_prints_one_line_per_epoch():
     lines = out.getvalue().splitlines()
     assert len(lines) == 3
     for epoch, (line, logs) in enumerate(zip(lines, recorder.epoch_logs), start=1):
+        # a 4-batch epoch takes milliseconds: shown as such, never "(0.0s)"
         assert re.fullmatch(
-            rf"epoch {epoch}/3  updates {epoch * BATCHES}  mse/loss \S+  val/mae \S+  \(\d+\.\ds\)", line
-        )
-        assert f"  val/mae {logs['val/mae']:.4g}  " in line
-        assert f"  mse/loss {logs['mse/loss']:.4g}  " in line
+            rf"epoch {epoch}/3  updates {epoch * BATCHES:<2}  mse/loss {logs['mse/loss']:.4f}  "
+            rf"val/mae {logs['val/mae']:.4f}  \(\d+(\.\d)?ms\)",
+            line,
+        ), line
     assert "\x1b" not in out.getvalue()  # plain text, no escape codes
+
+
+def test_epoch_lines_have_fixed_decimals_and_aligned_columns():
+    class Run:
+        max_epochs, max_updates = 12, None
+
+    columns, lines = Columns(), []
+    for epoch, (d_loss, acc, seconds) in enumerate([(0.15, 1.0, 0.0004), (12.5, 0.5, 0.34), (0.25, 0.75, 75.0)], 9):
+        run = Run()
+        run.epoch, run.updates = epoch, 7 * epoch
+        lines.append(summary(run, {"D/loss": d_loss, "train/acc": acc}, seconds, columns))
+    assert lines == [
+        "epoch 9/12   updates 63  D/loss 0.1500  train/acc 1.0000  (0.4ms)",
+        "epoch 10/12  updates 70  D/loss 12.5000  train/acc 0.5000  (340ms)",
+        "epoch 11/12  updates 77  D/loss  0.2500  train/acc 0.7500  (1m15s)",
+    ]
+    assert [fmt(v) for v in (0.0, -0.41, 44.0, 1.5e-5, 123456.0, float("inf"))] == [
+        "0.0000", "-0.4100", "44.0000", "1.5000e-05", "1.2346e+05", "inf"
+    ]
+    assert [duration(s) for s in (0.0, 0.0123, 0.9994, 0.9996, 59.9, 60.0)] == [
+        "0.0ms", "12ms", "999ms", "1.0s", "59.9s", "1m00s"
+    ]
+
+
+def test_epoch_lines_pad_the_updates_to_the_run_s_final_count():
+    class Run:
+        max_epochs, max_updates, epoch, updates = 20, None, 3, 84  # 560 updates after 20 epochs
+
+    assert summary(Run(), {"D/loss": 0.612}, 1.25) == "epoch 3/20   updates 84   D/loss 0.6120  (1.2s)"
+    Run.max_epochs, Run.max_updates = None, 1000
+    assert summary(Run(), {}, 1.25) == "epoch 3  updates 84    (1.2s)"
 
 
 def test_progress_bar_default_console_is_plain_under_pytest(capsys, monkeypatch):
@@ -180,8 +214,8 @@ def test_progress_bar_in_terminal_draws_a_bar_and_stops():
     text = out.getvalue()
     assert "epoch 1  updates 1  mse/loss " in text  # the bar's description, drawn at the first update
     assert "1/4" in text  # the bar's batch count
-    assert re.search(r"epoch 2/2  updates 8  mse/loss \S+  val/loss \S+  \(\d+\.\ds\)", text)  # the summary
-    assert not re.search(r"\(\d+\.\ds\)\n[^\r]*━", text)  # a finished epoch's bar is not drawn again
+    assert re.search(r"epoch 2/2  updates 8  mse/loss \S+  val/loss \S+  \(\d+(\.\d)?ms\)", text)  # the summary
+    assert not re.search(r"ms\)\n[^\r]*━", text)  # a finished epoch's bar is not drawn again
     assert bar.progress is None
     assert text.endswith("\x1b[?25h")  # the live display stopped: cursor shown again
 
