@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+import signal
 import sys
 
 import pytest
@@ -18,7 +19,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import CSVLogger, EarlyStopping, JSONLLogger, LossLogger, ProgressBar, TensorBoardLogger
+from trainflow.callbacks import Checkpoint, CSVLogger, EarlyStopping, JSONLLogger, LossLogger, ProgressBar, TensorBoardLogger
 from trainflow.callbacks._values import Columns, duration, fmt
 from trainflow.callbacks.progress_bar import summary
 
@@ -217,7 +218,8 @@ def test_progress_bar_in_terminal_draws_a_bar_and_stops():
     assert re.search(r"epoch 2/2  updates 8  mse/loss \S+  val/loss \S+  \(\d+(\.\d)?ms\)", text)  # the summary
     assert not re.search(r"ms\)\n[^\r]*━", text)  # a finished epoch's bar is not drawn again
     assert bar.progress is None
-    assert text.endswith("\x1b[?25h")  # the live display stopped: cursor shown again
+    assert "\x1b[?25h" in text  # the live display stopped: cursor shown again
+    assert screen(text) == [line for line in screen(text) if line.startswith("epoch ") and line.endswith("ms)")]
 
 
 def test_progress_bar_stops_the_live_display_when_fit_raises():
@@ -238,6 +240,61 @@ def test_progress_bar_stops_the_live_display_when_fit_raises():
     assert seen["progress"].live.is_started is False
     assert bar.progress is None
     assert sys.stdout is stdout and not isinstance(sys.stdout, FileProxy)  # stdout no longer redirected
+
+
+def screen(text: str) -> list[str]:
+    """The non-empty lines a terminal shows after ``text``: the cursor moves rich's live display makes.
+
+    Handles what rich writes: ``\\r``, ``\\n``, cursor up (``ESC[nA``), erase line (``ESC[2K``);
+    colours and cursor visibility (``ESC[...m``, ``ESC[?25l``) draw nothing.
+    """
+    lines, row, col = [""], 0, 0
+    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|[^\x1b\r\n]+", text):
+        if token == "\r":
+            col = 0
+        elif token == "\n":
+            row, col = row + 1, 0
+            lines += [""] * (row + 1 - len(lines))
+        elif token.endswith("A"):
+            row = max(0, row - int(token[2:-1] or 1))
+        elif token == "\x1b[2K":
+            lines[row] = ""
+        elif not token.startswith("\x1b"):
+            line = lines[row].ljust(col)
+            lines[row], col = line[:col] + token + line[col + len(token):], col + len(token)
+    return [line for line in lines if line.strip()]
+
+
+class Interrupt:
+    """At update 6 (in epoch 2 of 4-batch epochs): SIGINT as Ctrl-C sends it, or a KeyboardInterrupt raised."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def on_update_end(self, trainer, step, losses):
+        if trainer.updates == 6:
+            if self.how == "signal":
+                signal.raise_signal(signal.SIGINT)
+            else:
+                raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("how", ["signal", "KeyboardInterrupt"])
+def test_progress_bar_leaves_no_stale_frame_after_ctrl_c(tmp_path, how):
+    out = io.StringIO()
+    bar = ProgressBar(console=Console(file=out, force_terminal=True, width=100))
+    # Checkpoint turns SIGINT into a save and a clean stop at the next update boundary
+    trainer, _ = linear_trainer([Checkpoint(), Interrupt(how), bar], tmp_path)
+    if how == "signal":
+        trainer.fit(data(), epochs=3)
+        assert trainer.stop_reason == "signal" and trainer.updates == 7  # the next update boundary
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit(data(), epochs=3)
+    assert "epoch 2  updates 5  mse/loss" in out.getvalue()  # the bar was drawn in epoch 2
+    shown = screen(out.getvalue())
+    assert len(shown) == 1 and re.fullmatch(r"epoch 1/3  updates 4   mse/loss \d\.\d{4}  \(\d+(\.\d)?ms\)", shown[0])
+    assert bar.progress is None
 
 
 # ---------------------------------------------------------------------------------- CSVLogger

@@ -122,6 +122,9 @@ class ProgressBar:
                 TimeElapsedColumn(),
                 console=self.console,
                 refresh_per_second=self.refresh_per_second,
+                # erased when fit ends: a run stopped mid-epoch (Ctrl-C, a signal, an error) would
+                # otherwise leave its last, stale frame on screen; the summary lines stay
+                transient=True,
             )
             self.progress.start()
 
@@ -171,7 +174,7 @@ class ProgressBar:
         self._next_redraw = 0.0
 
     def _stop(self) -> None:
-        """End the live display (also after an error), leaving the terminal as it was."""
+        """End the live display (also after an error): the bar is erased, the summary lines stay."""
         progress, self.progress, self._task = self.progress, None, None
         if progress is not None:
             progress.stop()
