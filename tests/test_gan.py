@@ -137,11 +137,11 @@ def test_example_tiny_run_writes_grid_and_quality(module, tmp_path, classifier_f
     monkeypatch.setattr(quality, "_train", lambda *a: pytest.fail("the cached classifier was not reused"))
     logs = module.run(tmp_path, epochs=1, progress=False)
 
-    assert {"val/confidence", "val/entropy", "G/loss"} <= set(logs)
+    assert {"samples/confidence", "samples/entropy", "G/loss"} <= set(logs)
     assert all(math.isfinite(v) for v in logs.values())
-    assert 0.1 <= logs["val/confidence"] <= 1 and 0 <= logs["val/entropy"] <= math.log(10) + 1e-9
+    assert 0.1 <= logs["samples/confidence"] <= 1 and 0 <= logs["samples/entropy"] <= math.log(10) + 1e-9
     rows = read_rows(tmp_path / "metrics.csv")
-    assert len(rows) == 1 and {"val/confidence", "val/entropy"} <= set(rows[0])
+    assert len(rows) == 1 and {"samples/confidence", "samples/entropy"} <= set(rows[0])
     assert all(math.isfinite(float(rows[0][k])) for k in logs)
     for name in ("metrics.csv", "curves.png", "weights.pt", "samples.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -246,10 +246,10 @@ def test_sample_quality_goes_into_the_csv_when_registered_first(tmp_path):
         [torch.randn(4, LATENT)] * 3, epochs=2
     )
     rows = read_rows(tmp_path / "metrics.csv")
-    assert [list(r)[-2:] for r in rows] == [["val/confidence", "val/entropy"]] * 2
-    assert [float(r["val/confidence"]) for r in rows] == [h["val/confidence"] for h in first.history]
+    assert [list(r)[-2:] for r in rows] == [["samples/confidence", "samples/entropy"]] * 2
+    assert [float(r["samples/confidence"]) for r in rows] == [h["samples/confidence"] for h in first.history]
     # a CSVLogger registered before it writes its row before the values exist: the order matters
-    assert "val/confidence" not in read_rows(tmp_path / "late.csv")[0]
+    assert "samples/confidence" not in read_rows(tmp_path / "late.csv")[0]
 
 
 def test_sample_quality_restores_modes_and_leaves_the_rng_alone():

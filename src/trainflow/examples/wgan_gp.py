@@ -18,7 +18,7 @@ times per generator update, each on a fresh batch:
 
 The networks are the ``dcgan`` example's (no spectral normalisation: the gradient penalty
 constrains the critic), Adam with ``betas=(0.5, 0.9)``. Each epoch the samples are scored by
-the digits classifier (``val/confidence``, ``val/entropy``); grids are written every 40 epochs
+the digits classifier (``samples/confidence``, ``samples/entropy``); grids are written every 40 epochs
 and ``samples.png`` at the end.
 """
 
