@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import CSVLogger, SampleGrid
+from trainflow.callbacks import CSVLogger, SampleGrid, samples
 from trainflow.examples import EXAMPLES, dcgan, quality, wgan_gp
 from trainflow.examples.quality import CLASSIFIER_FILE, SampleQuality, digits_classifier, sample_quality
 
@@ -309,6 +309,47 @@ def test_sample_grid_writes_at_the_right_updates(tmp_path):
     # the generator ran in eval mode without a graph for the grids, in train mode with one for the updates
     assert G.calls.count((False, False)) == 1 + 4 and G.calls.count((True, True)) == 10
     assert len(G.calls) == 15 and G.training and G.net[1].training
+
+
+def test_sample_grid_titles_each_grid_with_its_update_and_epoch(tmp_path, monkeypatch):
+    titles = []
+    draw = samples.save_grid
+
+    def save_grid(images, png_path, **kwargs):  # the real drawing; the title it got is recorded
+        titles.append((Path(png_path).name, kwargs["title"]))
+        return draw(images, png_path, **kwargs)
+
+    monkeypatch.setattr(samples, "save_grid", save_grid)
+    _fit_with_grid(tmp_path, every=5)  # 2 epochs of 5 updates
+    assert titles == [
+        ("samples_5.png", "samples at update 5 (epoch 1)"),   # the last update of epoch 1
+        ("samples_10.png", "samples at update 10 (epoch 2)"),
+        ("samples.png", "samples at update 10 (epoch 2)"),    # after epoch 2 ended
+    ]
+    for name, _ in titles:
+        image = matplotlib.image.imread(tmp_path / name)[..., :3]
+        assert image.shape[:2] == (3 * 60 + 24, 3 * 60)  # 3x3 cells of 60 px under a 24 px title band
+        assert image[:24].min() < 0.5 and image[:24, :5].min() == image[:24, -5:].min() == 1.0  # text, inside
+    untitled = draw(torch.rand(9, 64), tmp_path / "plain.png")  # no title: no band
+    assert matplotlib.image.imread(untitled).shape[:2] == (180, 180)
+
+
+def test_sample_grid_title_after_a_stop_inside_an_epoch(tmp_path, monkeypatch):
+    titles = []
+    draw = samples.save_grid
+
+    def save_grid(images, png_path, **kwargs):
+        titles.append(kwargs["title"])
+        return draw(images, png_path, **kwargs)
+
+    monkeypatch.setattr(samples, "save_grid", save_grid)
+    torch.manual_seed(0)
+    G = Recorder()
+    opt = torch.optim.SGD(G.parameters(), lr=0.1)
+    grid = SampleGrid(G, torch.randn(9, LATENT, generator=torch.Generator().manual_seed(0)))
+    trainer = Trainer(G, Step(lambda z: G(z).mean(), opt, name="g"), callbacks=[grid], out_dir=tmp_path, device="cpu")
+    trainer.fit([torch.randn(4, LATENT)] * 5, max_updates=7)  # stops at the 2nd update of epoch 2
+    assert titles == ["samples at update 7 (epoch 2)"]
 
 
 def test_sample_grid_end_only_custom_path_and_fixed_noise(tmp_path):
