@@ -19,7 +19,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import Checkpoint, CSVLogger, EarlyStopping, JSONLLogger, LossLogger, ProgressBar, TensorBoardLogger
+from trainflow.callbacks import (
+    Checkpoint, CSVLogger, EarlyStopping, JSONLLogger, LossLogger, ProgressBar, TensorBoardLogger,
+)
 from trainflow.callbacks._values import Columns, duration, fmt
 from trainflow.callbacks.progress_bar import summary
 

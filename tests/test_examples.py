@@ -24,7 +24,9 @@ EXPECTED = {
     "gan": ({"D/loss", "G/loss"}, {"G", "D"}, ("samples.png",)),
     "dcgan": ({"D/loss", "G/loss", "samples/confidence", "samples/entropy"}, {"G", "D", "G_ema"}, ("samples.png",)),
     "wgan-gp": (
-        {"D/fake", "D/real", "D/penalty", "G/loss", "samples/confidence", "samples/entropy"}, {"G", "D"}, ("samples.png",)
+        {"D/fake", "D/real", "D/penalty", "G/loss", "samples/confidence", "samples/entropy"},
+        {"G", "D"},
+        ("samples.png",),
     ),
 }
 #: the epoch values that are metrics (panels of curves.png beside the losses'), not losses
