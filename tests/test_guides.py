@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from torch.nn import functional as F
+
+from trainflow import Step, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs" / "guides").glob("*.md"))]
@@ -33,3 +37,27 @@ def test_guide_runs(path, tmp_path, monkeypatch):
             exec(compile(code, f"{path.name}[block {i}]", "exec"), namespace)
         except Exception as error:
             raise AssertionError(f"{path.name}, block {i} failed: {error!r}\n{code}") from error
+
+
+def test_training_loop_guide_keeps_the_noisy_gan_labels_in_0_1():
+    code = "".join(blocks(ROOT / "docs" / "guides" / "training-loop.md"))
+    assert code.count("labels = (labels + 0.05 * torch.rand(labels.shape)).clamp(0, 1)") == 2  # both GAN steps
+    assert "labels +=" not in code
+    # why: with Keras's targets (up to 1.05) the loss has no minimum; clamped, it is never below 0
+    logits = torch.tensor([0.0, 10.0, 40.0])
+    keras = F.binary_cross_entropy_with_logits(logits, torch.full((3,), 1.05), reduction="none")
+    bounded = F.binary_cross_entropy_with_logits(logits, torch.full((3,), 1.05).clamp(0, 1), reduction="none")
+    assert keras.tolist() == pytest.approx([0.6931, -0.49995, -2.0], abs=1e-4)  # about (1 - 1.05) * logit
+    assert bounded.tolist() == pytest.approx([0.6931, 4.54e-5, 0.0], abs=1e-4)
+
+
+def test_readme_concepts_name_every_argument_of_step_and_trainer():
+    readme = (ROOT / "README.md").read_text()
+    for cls in (Step, Trainer):
+        listed = re.search(rf"\*\*`{cls.__name__}\((.*?)\)`\*\*", readme).group(1)
+        names = [name.strip() for name in listed.split(",") if name.strip() != "*"]
+        assert names == list(inspect.signature(cls.__init__).parameters)[1:], cls.__name__
+    concepts = readme.split("## Concepts")[1].split("## ")[0]
+    for text in ('partial_window="apply"', '"drop"', '`on_nonfinite`', '"raise"', '"skip"', '"stop"',
+                 "`trainer.skipped`"):
+        assert text in concepts, text
