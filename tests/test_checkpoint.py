@@ -519,10 +519,10 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path):
         checkpoint.load(path)
     assert str(info.value) == (
         f"{str(path)!r} is not a trainflow checkpoint (expected a file written by trainflow.checkpoint.save, "
-        "format 'trainflow-checkpoint-1'). Received: a dict with keys ['a']."
+        "format 'trainflow-checkpoint-1'). Received: an object of type dict with keys ['a']."
     )
     torch.save(torch.ones(2), path)
-    with pytest.raises(ValueError, match=r"is not a trainflow checkpoint .*Received: a Tensor\.$"):
+    with pytest.raises(ValueError, match=r"is not a trainflow checkpoint .*Received: an object of type Tensor\.$"):
         checkpoint.load(path)
     with pytest.raises(FileNotFoundError, match=r"^Checkpoint not found\. Received: path='.*missing\.pt'\. Pass a "
                                                 r"file written by trainflow\.callbacks\.Checkpoint, or resume='latest'\."):

@@ -214,5 +214,5 @@ def test_plot_curves_with_gaps_and_errors(tmp_path):
 
 
 def test_save_weights_rejects_a_bare_module(tmp_path):
-    with pytest.raises(TypeError, match=r"`models` must be a dict of named nn\.Modules\. Received: Linear"):
+    with pytest.raises(TypeError, match=r"`models` must be a dict of named nn\.Modules\. Received: models of type Linear\. "):
         save_weights(torch.nn.Linear(2, 1), tmp_path / "w.pt")

@@ -407,6 +407,17 @@ def test_sample_grid_checks_the_output_and_the_folder_when_fit_starts(tmp_path):
         trainer.fit([torch.randn(3, 2)], epochs=1)
 
 
+def test_sample_grid_names_the_type_of_a_generator_output_that_is_no_tensor(tmp_path):
+    class Pair(nn.Linear):
+        def forward(self, z):
+            return super().forward(z), z
+
+    G = Pair(2, 64)
+    grid = SampleGrid(G, torch.randn(4, 2), path=tmp_path / "s.png")
+    with pytest.raises(TypeError, match=r"must return a tensor of images\. Received: an output of type tuple\. Return"):
+        grid.images()
+
+
 def test_dcgan_resumed_run_equals_the_uninterrupted_one(tmp_path, classifier_file):
     for folder in ("whole", "resumed"):
         (tmp_path / folder).mkdir()

@@ -194,7 +194,8 @@ class SampleGrid:
                 module.training = training
         if not isinstance(out, torch.Tensor):
             raise TypeError(
-                f"SampleGrid: the generator must return a tensor of images. Received: {type(out).__name__}."
+                f"SampleGrid: the generator must return a tensor of images. Received: an output of type "
+                f"{type(out).__name__}. Return the images as one tensor, e.g. (n, 1, 28, 28)."
             )
         return _as_images(out.float().cpu(), "SampleGrid")
 

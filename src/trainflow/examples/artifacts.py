@@ -215,7 +215,8 @@ def save_weights(models: Mapping[str, nn.Module], path: str | Path) -> Path:
     """
     if not isinstance(models, Mapping) or not all(isinstance(m, nn.Module) for m in models.values()):
         raise TypeError(
-            f"save_weights: `models` must be a dict of named nn.Modules. Received: {type(models).__name__}. "
+            f"save_weights: `models` must be a dict of named nn.Modules. Received: models of type "
+            f"{type(models).__name__}. "
             "Pass e.g. {'G': generator, 'D': discriminator}."
         )
     path = Path(path)
