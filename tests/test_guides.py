@@ -61,3 +61,14 @@ def test_readme_concepts_name_every_argument_of_step_and_trainer():
     for text in ('partial_window="apply"', '"drop"', '`on_nonfinite`', '"raise"', '"skip"', '"stop"',
                  "`trainer.skipped`"):
         assert text in concepts, text
+
+
+def test_multiple_losses_guide_describes_nemo_critic_losses_as_seed_000_does():
+    text = " ".join((ROOT / "docs" / "guides" / "multiple-losses.md").read_text().split())
+    # seed 000: Loss 1 interpolated_loss (interpolated images), Loss 2 real_loss, Loss 3 grad_penalty
+    assert ("Loss 1 on the critic's decision on interpolated images (`interpolated_loss`), Loss 2 on its "
+            "decision on real images (`real_loss`), Loss 3 the WGAN gradient penalty") in text
+    assert "its Loss 1 scores the critic on generated images (`D/fake`) instead of NeMo's interpolated ones" in text
+    assert "critic losses of NeMo's example on generated" not in text  # the contradicting description
+    code = "".join(blocks(ROOT / "docs" / "guides" / "multiple-losses.md"))
+    assert '"interpolated": decision.mean(),' in code and '"real": -discriminator(real).mean(),' in code
