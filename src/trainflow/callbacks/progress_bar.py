@@ -30,7 +30,7 @@ def summary(trainer: Any, logs: dict[str, float], seconds: float, columns: Colum
         ...     trainer = SimpleNamespace(epoch=epoch, max_epochs=10, updates=9 * epoch, max_updates=None)
         ...     print(summary(trainer, {"D/loss": loss, "val/acc": 1.0}, 0.0421, columns))
         epoch 9/10   updates 81  D/loss 12.5000  val/acc 1.0000  (42ms)
-        epoch 10/10  updates 90   D/loss  0.2500  val/acc 1.0000  (42ms)
+        epoch 10/10  updates 90  D/loss  0.2500  val/acc 1.0000  (42ms)
     """
     columns = columns if columns is not None else Columns()
     max_epochs, max_updates = getattr(trainer, "max_epochs", None), getattr(trainer, "max_updates", None)
