@@ -5,9 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import select
 import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -297,6 +301,52 @@ def test_progress_bar_leaves_no_stale_frame_after_ctrl_c(tmp_path, how):
     shown = screen(out.getvalue())
     assert len(shown) == 1 and re.fullmatch(r"epoch 1/3  updates 4   mse/loss \d\.\d{4}  \(\d+(\.\d)?ms\)", shown[0])
     assert bar.progress is None
+
+
+CTRL_C_SCRIPT = """
+import sys, time, torch
+from trainflow import Step, Trainer
+from trainflow.callbacks import Checkpoint
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+def mse(batch):
+    time.sleep(0.02)  # an epoch of 10 batches lasts about 0.2 s: the bar is drawn in each
+    return model(batch).pow(2).mean()
+trainer = Trainer(model, [Step(mse, opt)], callbacks=[Checkpoint()], out_dir=sys.argv[1], device="cpu")
+trainer.fit([torch.randn(4, 3)] * 10, epochs=100)
+print(f"stopped: {trainer.stop_reason} at update {trainer.updates}")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_ctrl_c_in_a_real_terminal_leaves_the_epoch_lines_and_no_bar(tmp_path):
+    # the default progress bar of a Trainer whose output is a terminal (a pty), stopped by SIGINT
+    master, slave = os.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR")}
+    env.update(COLUMNS="100", TERM="xterm-256color", PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, str(tmp_path)],
+                             stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out, sent, deadline = b"", False, time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child has exited and closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        if not sent and "━".encode() in out.partition(b"epoch 2/100")[2]:  # the bar, in epoch 3
+            child.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            sent = True
+    os.close(master)
+    assert child.wait(timeout=30) == 0 and sent
+    shown = screen(out.decode())
+    assert [line.split("updates")[0].rstrip() for line in shown[:2]] == ["epoch 1/100", "epoch 2/100"]
+    assert re.fullmatch(r"stopped: signal at update 2\d", shown[-1]) and len(shown) == 3, shown
+    assert not any("━" in line for line in shown)  # no stale bar left on screen
 
 
 # ---------------------------------------------------------------------------------- CSVLogger
