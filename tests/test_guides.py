@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -72,3 +76,23 @@ def test_multiple_losses_guide_describes_nemo_critic_losses_as_seed_000_does():
     assert "critic losses of NeMo's example on generated" not in text  # the contradicting description
     code = "".join(blocks(ROOT / "docs" / "guides" / "multiple-losses.md"))
     assert '"interpolated": decision.mean(),' in code and '"real": -discriminator(real).mean(),' in code
+
+
+def test_the_ignored_jit_warnings_are_torch_s_own_and_only_those():
+    # Trainer(compile=True) in the training-loop guide makes torch.compile import torch.utils.mkldnn,
+    # whose module body calls torch.jit.script_method: pyproject ignores exactly these warnings
+    script = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch.utils.mkldnn\n"
+        "print(len(caught), sorted({(w.category.__name__, str(w.message), w.filename) for w in caught}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    count, kinds = out.split(" ", 1)
+    assert int(count) == 14
+    message = "`torch.jit.script_method` is deprecated. Please switch to `torch.compile` or `torch.export`."
+    assert ast.literal_eval(kinds) == [("DeprecationWarning", message, torch.jit._script.__file__)]
+    ignored = [f for f in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+               ["filterwarnings"] if f.startswith("ignore")]
+    assert ignored == ["ignore:`torch.jit.script_method` is deprecated:DeprecationWarning:torch.jit._script"]
