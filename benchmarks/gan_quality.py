@@ -46,14 +46,14 @@ def one_run(out_dir: Path, seed: int, every: int) -> tuple[float, list[dict[str,
     elapsed, first = 0.0, None
     for row in rows:
         elapsed += float(row["seconds"])
-        conf, ent = float(row["val/confidence"]), float(row["val/entropy"])
+        conf, ent = float(row["samples/confidence"]), float(row["samples/entropy"])
         if first is None and conf >= CONFIDENCE and ent >= ENTROPY:
             first = (int(row["epoch"]), elapsed)
         if int(row["epoch"]) % every == 0 or row is rows[-1]:
             print(f"{row['epoch']:>5} {elapsed:9.1f} {float(row['D/loss']):7.3f} {float(row['G/loss']):7.3f} "
                   f"{conf:10.4f} {ent:7.4f}")
     last = rows[-1]
-    met = float(last["val/confidence"]) >= CONFIDENCE and float(last["val/entropy"]) >= ENTROPY
+    met = float(last["samples/confidence"]) >= CONFIDENCE and float(last["samples/entropy"]) >= ENTROPY
     when = f"epoch {first[0]} ({first[1]:.1f} s of training)" if first else "never"
     print(f"targets (confidence >= {CONFIDENCE}, entropy >= {ENTROPY}) first met: {when}; "
           f"at the end: {'met' if met else 'MISSED'}  (train loop {elapsed:.1f} s, "
@@ -81,7 +81,7 @@ def main() -> int:
         for seed in args.seeds:
             wall, rows, met = one_run(root / f"dcgan-seed{seed}", seed, args.every)
             last = rows[-1]
-            summary.append((seed, wall, float(last["val/confidence"]), float(last["val/entropy"]), met))
+            summary.append((seed, wall, float(last["samples/confidence"]), float(last["samples/entropy"]), met))
             ok &= met and wall <= args.limit
     print("\nseed  wall_s  confidence  entropy  targets")
     for seed, wall, conf, ent, met in summary:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import select
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -18,7 +23,11 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import CSVLogger, EarlyStopping, JSONLLogger, LossLogger, ProgressBar, TensorBoardLogger
+from trainflow.callbacks import (
+    Checkpoint, CSVLogger, EarlyStopping, JSONLLogger, LossLogger, ProgressBar, TensorBoardLogger,
+)
+from trainflow.callbacks._values import Columns, duration, fmt
+from trainflow.callbacks.progress_bar import summary
 
 BATCHES = 4  # per epoch: 32 samples in batches of 8
 
@@ -112,7 +121,7 @@ def test_loss_logger_default_prints_one_line(capsys):
     trainer, _ = linear_trainer([recorder, LossLogger(every=4)])
     trainer.fit(data(), epochs=2)
     lines = capsys.readouterr().out.splitlines()
-    expected = [f"update {u}  mse/loss={recorder.at_update[u]['mse/loss']:.4g}" for u in (4, 8)]
+    expected = [f"update {u}  mse/loss={recorder.at_update[u]['mse/loss']:.4f}" for u in (4, 8)]
     assert lines == expected
 
 
@@ -154,12 +163,44 @@ def test_progress_bar_without_terminal_prints_one_line_per_epoch():
     lines = out.getvalue().splitlines()
     assert len(lines) == 3
     for epoch, (line, logs) in enumerate(zip(lines, recorder.epoch_logs), start=1):
+        # a 4-batch epoch takes milliseconds: shown as such, never "(0.0s)"
         assert re.fullmatch(
-            rf"epoch {epoch}/3  updates {epoch * BATCHES}  mse/loss \S+  val/mae \S+  \(\d+\.\ds\)", line
-        )
-        assert f"  val/mae {logs['val/mae']:.4g}  " in line
-        assert f"  mse/loss {logs['mse/loss']:.4g}  " in line
+            rf"epoch {epoch}/3  updates {epoch * BATCHES:<2}  mse/loss {logs['mse/loss']:.4f}  "
+            rf"val/mae {logs['val/mae']:.4f}  \(\d+(\.\d)?ms\)",
+            line,
+        ), line
     assert "\x1b" not in out.getvalue()  # plain text, no escape codes
+
+
+def test_epoch_lines_have_fixed_decimals_and_aligned_columns():
+    class Run:
+        max_epochs, max_updates = 12, None
+
+    columns, lines = Columns(), []
+    for epoch, (d_loss, acc, seconds) in enumerate([(0.15, 1.0, 0.0004), (12.5, 0.5, 0.34), (0.25, 0.75, 75.0)], 9):
+        run = Run()
+        run.epoch, run.updates = epoch, 7 * epoch
+        lines.append(summary(run, {"D/loss": d_loss, "train/acc": acc}, seconds, columns))
+    assert lines == [
+        "epoch 9/12   updates 63  D/loss 0.1500  train/acc 1.0000  (0.4ms)",
+        "epoch 10/12  updates 70  D/loss 12.5000  train/acc 0.5000  (340ms)",
+        "epoch 11/12  updates 77  D/loss  0.2500  train/acc 0.7500  (1m15s)",
+    ]
+    assert [fmt(v) for v in (0.0, -0.41, 44.0, 1.5e-5, 123456.0, float("inf"))] == [
+        "0.0000", "-0.4100", "44.0000", "1.5000e-05", "1.2346e+05", "inf"
+    ]
+    assert [duration(s) for s in (0.0, 0.0123, 0.9994, 0.9996, 59.9, 60.0)] == [
+        "0.0ms", "12ms", "999ms", "1.0s", "59.9s", "1m00s"
+    ]
+
+
+def test_epoch_lines_pad_the_updates_to_the_run_s_final_count():
+    class Run:
+        max_epochs, max_updates, epoch, updates = 20, None, 3, 84  # 560 updates after 20 epochs
+
+    assert summary(Run(), {"D/loss": 0.612}, 1.25) == "epoch 3/20   updates 84   D/loss 0.6120  (1.2s)"
+    Run.max_epochs, Run.max_updates = None, 1000
+    assert summary(Run(), {}, 1.25) == "epoch 3  updates 84    (1.2s)"
 
 
 def test_progress_bar_default_console_is_plain_under_pytest(capsys, monkeypatch):
@@ -180,10 +221,11 @@ def test_progress_bar_in_terminal_draws_a_bar_and_stops():
     text = out.getvalue()
     assert "epoch 1  updates 1  mse/loss " in text  # the bar's description, drawn at the first update
     assert "1/4" in text  # the bar's batch count
-    assert re.search(r"epoch 2/2  updates 8  mse/loss \S+  val/loss \S+  \(\d+\.\ds\)", text)  # the summary
-    assert not re.search(r"\(\d+\.\ds\)\n[^\r]*━", text)  # a finished epoch's bar is not drawn again
+    assert re.search(r"epoch 2/2  updates 8  mse/loss \S+  val/loss \S+  \(\d+(\.\d)?ms\)", text)  # the summary
+    assert not re.search(r"ms\)\n[^\r]*━", text)  # a finished epoch's bar is not drawn again
     assert bar.progress is None
-    assert text.endswith("\x1b[?25h")  # the live display stopped: cursor shown again
+    assert "\x1b[?25h" in text  # the live display stopped: cursor shown again
+    assert screen(text) == [line for line in screen(text) if line.startswith("epoch ") and line.endswith("ms)")]
 
 
 def test_progress_bar_stops_the_live_display_when_fit_raises():
@@ -204,6 +246,107 @@ def test_progress_bar_stops_the_live_display_when_fit_raises():
     assert seen["progress"].live.is_started is False
     assert bar.progress is None
     assert sys.stdout is stdout and not isinstance(sys.stdout, FileProxy)  # stdout no longer redirected
+
+
+def screen(text: str) -> list[str]:
+    """The non-empty lines a terminal shows after ``text``: the cursor moves rich's live display makes.
+
+    Handles what rich writes: ``\\r``, ``\\n``, cursor up (``ESC[nA``), erase line (``ESC[2K``);
+    colours and cursor visibility (``ESC[...m``, ``ESC[?25l``) draw nothing.
+    """
+    lines, row, col = [""], 0, 0
+    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|[^\x1b\r\n]+", text):
+        if token == "\r":
+            col = 0
+        elif token == "\n":
+            row, col = row + 1, 0
+            lines += [""] * (row + 1 - len(lines))
+        elif token.endswith("A"):
+            row = max(0, row - int(token[2:-1] or 1))
+        elif token == "\x1b[2K":
+            lines[row] = ""
+        elif not token.startswith("\x1b"):
+            line = lines[row].ljust(col)
+            lines[row], col = line[:col] + token + line[col + len(token):], col + len(token)
+    return [line for line in lines if line.strip()]
+
+
+class Interrupt:
+    """At update 6 (in epoch 2 of 4-batch epochs): SIGINT as Ctrl-C sends it, or a KeyboardInterrupt raised."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def on_update_end(self, trainer, step, losses):
+        if trainer.updates == 6:
+            if self.how == "signal":
+                signal.raise_signal(signal.SIGINT)
+            else:
+                raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("how", ["signal", "KeyboardInterrupt"])
+def test_progress_bar_leaves_no_stale_frame_after_ctrl_c(tmp_path, how):
+    out = io.StringIO()
+    bar = ProgressBar(console=Console(file=out, force_terminal=True, width=100))
+    # Checkpoint turns SIGINT into a save and a clean stop at the next update boundary
+    trainer, _ = linear_trainer([Checkpoint(), Interrupt(how), bar], tmp_path)
+    if how == "signal":
+        trainer.fit(data(), epochs=3)
+        assert trainer.stop_reason == "signal" and trainer.updates == 7  # the next update boundary
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit(data(), epochs=3)
+    assert "epoch 2  updates 5  mse/loss" in out.getvalue()  # the bar was drawn in epoch 2
+    shown = screen(out.getvalue())
+    assert len(shown) == 1 and re.fullmatch(r"epoch 1/3  updates 4   mse/loss \d\.\d{4}  \(\d+(\.\d)?ms\)", shown[0])
+    assert bar.progress is None
+
+
+CTRL_C_SCRIPT = """
+import sys, time, torch
+from trainflow import Step, Trainer
+from trainflow.callbacks import Checkpoint
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+def mse(batch):
+    time.sleep(0.02)  # an epoch of 10 batches lasts about 0.2 s: the bar is drawn in each
+    return model(batch).pow(2).mean()
+trainer = Trainer(model, [Step(mse, opt)], callbacks=[Checkpoint()], out_dir=sys.argv[1], device="cpu")
+trainer.fit([torch.randn(4, 3)] * 10, epochs=100)
+print(f"stopped: {trainer.stop_reason} at update {trainer.updates}")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_ctrl_c_in_a_real_terminal_leaves_the_epoch_lines_and_no_bar(tmp_path):
+    # the default progress bar of a Trainer whose output is a terminal (a pty), stopped by SIGINT
+    master, slave = os.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR")}
+    env.update(COLUMNS="100", TERM="xterm-256color", PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, str(tmp_path)],
+                             stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out, sent, deadline = b"", False, time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child has exited and closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        if not sent and "━".encode() in out.partition(b"epoch 2/100")[2]:  # the bar, in epoch 3
+            child.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            sent = True
+    os.close(master)
+    assert child.wait(timeout=30) == 0 and sent
+    shown = screen(out.decode())
+    assert [line.split("updates")[0].rstrip() for line in shown[:2]] == ["epoch 1/100", "epoch 2/100"]
+    assert re.fullmatch(r"stopped: signal at update 2\d", shown[-1]) and len(shown) == 3, shown
+    assert not any("━" in line for line in shown)  # no stale bar left on screen
 
 
 # ---------------------------------------------------------------------------------- CSVLogger

@@ -163,7 +163,7 @@ def test_index_json_lists_every_kept_checkpoint(tmp_path):
     entries = listed["checkpoints"]
     assert [{k: e[k] for k in ("file", "update", "epoch", "value", "reason", "best", "last")} for e in entries] == [
         {"file": "ckpt-u000000006-e1.pt", "update": 6, "epoch": 1, "value": None, "reason": "update",
-         "best": False, "last": True},
+         "best": False, "last": False},  # kept (keep_last=2), but not the newest
         {"file": "ckpt-u000000008-e2.pt", "update": 8, "epoch": 2, "value": None, "reason": "epoch",
          "best": False, "last": True},
     ]
@@ -519,10 +519,10 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path):
         checkpoint.load(path)
     assert str(info.value) == (
         f"{str(path)!r} is not a trainflow checkpoint (expected a file written by trainflow.checkpoint.save, "
-        "format 'trainflow-checkpoint-1'). Received: a dict with keys ['a']."
+        "format 'trainflow-checkpoint-1'). Received: an object of type dict with keys ['a']."
     )
     torch.save(torch.ones(2), path)
-    with pytest.raises(ValueError, match=r"is not a trainflow checkpoint .*Received: a Tensor\.$"):
+    with pytest.raises(ValueError, match=r"is not a trainflow checkpoint .*Received: an object of type Tensor\.$"):
         checkpoint.load(path)
     with pytest.raises(FileNotFoundError, match=r"^Checkpoint not found\. Received: path='.*missing\.pt'\. Pass a "
                                                 r"file written by trainflow\.callbacks\.Checkpoint, or resume='latest'\."):

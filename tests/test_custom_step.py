@@ -299,7 +299,7 @@ def test_ctx_rejects_a_foreign_optimizer(method):
 
     trainer = Trainer({"G": G, "D": D}, Step.custom(update, g_opt, name="G"), device="cpu")
     message = (r"Step 'G': the optimizer passed to ctx is not one of this step's optimizers\. "
-               r"Received: a Adam; the step has \['Adam'\]\. Give it to Step\.custom")
+               r"Received: an optimizer of type Adam; the step has \['Adam'\]\. Give it to Step\.custom")
     with pytest.raises(ValueError, match=message):
         trainer.fit(real_images(), epochs=1)
 
@@ -318,8 +318,8 @@ def test_step_custom_argument_errors():
 @pytest.mark.parametrize(
     "returned, error, message",
     [
-        ([1.0, 2.0], TypeError, r"must return None, a scalar tensor or a dict of them to log\. Received: list"),
-        ((torch.tensor(1.0), torch.tensor(2.0)), TypeError, r"Received: tuple"),
+        ([1.0, 2.0], TypeError, r"must return None, a scalar tensor or a dict of them to log\. Received: a return value of type list\. "),
+        ((torch.tensor(1.0), torch.tensor(2.0)), TypeError, r"Received: a return value of type tuple\. Return e\.g\."),
         ({"d_loss": torch.ones(3)}, ValueError, r"loss 'd_loss' must be a scalar \(0-dim or one-element\) tensor"),
         ({"d_loss": 0.5}, TypeError, r"loss 'd_loss' must be a scalar tensor"),
     ],

@@ -114,7 +114,8 @@ def test_models_wrong_type(opt):
 
 
 def test_steps_wrong_type(model):
-    with pytest.raises(TypeError, match=r"`steps\[0\]` must be a trainflow.Step\. Received: function"):
+    with pytest.raises(TypeError, match=r"`steps\[0\]` must be a trainflow.Step\. "
+                                        r"Received: steps\[0\] of type function\. Wrap"):
         Trainer(model, [lambda b: b])
 
 
@@ -127,7 +128,8 @@ def test_bad_device_precision_metrics(model, opt):
         Trainer(model, [Step(lambda b: b, opt)], precision="16-mixed", device="cpu")
     with pytest.raises(ValueError, match=r"must start with 'train/' or 'val/'\. Received: 'acc'\. Use e\.g\. 'train/acc'"):
         Trainer(model, [Step(lambda b: b, opt)], metrics={"acc": object()})
-    with pytest.raises(TypeError, match=r"metric 'val/acc' must have update/compute/reset.*lacks update, compute, reset"):
+    with pytest.raises(TypeError, match=r"metric 'val/acc' must have update/compute/reset.*"
+                                        r"Received: metrics\['val/acc'\] of type object, which lacks update, compute, reset\."):
         Trainer(model, [Step(lambda b: b, opt)], metrics={"val/acc": object()})
 
 
@@ -315,6 +317,15 @@ def test_fit_unknown_stream(model, opt):
     with pytest.raises(ValueError, match=r"step 'a' draws from data stream 'valdi', which `data` does not have\. Received: streams \['train', 'valid'\]"):
         trainer.fit({"train": regression_loader(), "valid": regression_loader()}, epochs=1)
     assert trainer.updates == 0  # raised before any update
+
+
+def test_fit_data_that_is_no_iterable_names_the_stream_and_type(model, opt):
+    trainer = Trainer(model, [Step(mse(model), opt)], device="cpu")
+    with pytest.raises(TypeError, match=r"data stream 'train' must be an iterable of batches.*"
+                                        r"Received: stream 'train' of type int\. Wrap tensors"):
+        trainer.fit(5, epochs=1)
+    with pytest.raises(TypeError, match=r"Received: stream 'valid' of type str\."):
+        trainer.fit({"train": regression_loader(), "valid": "valid.csv"}, epochs=1)
 
 
 def test_fit_iterator_and_missing_train_stream(model, opt):

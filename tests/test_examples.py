@@ -14,7 +14,7 @@ import torch
 
 import trainflow.examples as examples
 from trainflow.examples import EXAMPLES, alternating, artifacts, gan, mlp, two_losses
-from trainflow.examples.artifacts import epochs_or_default, is_loss, plot_curves, save_weights
+from trainflow.examples.artifacts import curves_figure, epochs_or_default, is_loss, plot_curves, save_weights
 
 #: example -> (the log keys of an epoch, the models in weights.pt, the extra artifacts)
 EXPECTED = {
@@ -22,15 +22,20 @@ EXPECTED = {
     "two-losses": ({"loss/mse", "loss/l1"}, {"model"}, ()),
     "alternating": ({"mse/loss", "l1/loss"}, {"model"}, ()),
     "gan": ({"D/loss", "G/loss"}, {"G", "D"}, ("samples.png",)),
-    "dcgan": ({"D/loss", "G/loss", "val/confidence", "val/entropy"}, {"G", "D", "G_ema"}, ("samples.png",)),
+    "dcgan": ({"D/loss", "G/loss", "samples/confidence", "samples/entropy"}, {"G", "D", "G_ema"}, ("samples.png",)),
     "wgan-gp": (
-        {"D/fake", "D/real", "D/penalty", "G/loss", "val/confidence", "val/entropy"}, {"G", "D"}, ("samples.png",)
+        {"D/fake", "D/real", "D/penalty", "G/loss", "samples/confidence", "samples/entropy"},
+        {"G", "D"},
+        ("samples.png",),
     ),
 }
-#: the epoch values that are metrics (the right panel of curves.png), not losses
-METRICS = {"mlp": {"train/acc", "val/acc"}, "dcgan": {"val/confidence", "val/entropy"},
-           "wgan-gp": {"val/confidence", "val/entropy"}}
+#: the epoch values that are metrics (panels of curves.png beside the losses'), not losses
+METRICS = {"mlp": {"train/acc", "val/acc"}, "dcgan": {"samples/confidence", "samples/entropy"},
+           "wgan-gp": {"samples/confidence", "samples/entropy"}}
 COMMON = ("metrics.csv", "curves.png", "weights.pt")
+#: the panels of curves.png where there are more than the losses
+PANELS = {"mlp": ["losses", "metrics"], "dcgan": ["losses", "samples/confidence", "samples/entropy"],
+          "wgan-gp": ["losses", "samples/confidence", "samples/entropy"]}
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -73,6 +78,8 @@ def test_one_epoch_writes_artifacts(one_epoch, name):
     for png in ("curves.png", *extra):
         image = matplotlib.image.imread(out / png)
         assert image.ndim == 3 and min(image.shape[:2]) > 100
+    titles = [title for title, _, _ in panels(curves_figure(out / "metrics.csv"))]
+    assert titles == PANELS.get(name, ["losses"])
     rows = read_rows(out / "metrics.csv")
     assert len(rows) == 1 and rows[0]["epoch"] == "1"
     assert {k: float(v) for k, v in rows[0].items() if k in keys} == logs
@@ -147,9 +154,50 @@ def test_epochs_default():
 
 
 def test_is_loss():
-    assert [is_loss(k) for k in ("D/loss", "train/mse", "train/acc", "val/acc", "val/loss", "loss/l1")] == [
-        True, False, False, False, True, True,
+    keys = ("D/loss", "train/mse", "train/acc", "val/acc", "val/loss", "loss/l1", "samples/confidence")
+    assert [is_loss(k) for k in keys] == [True, False, False, False, True, True, False]
+
+
+def panels(fig) -> list[tuple[str, str, list[str]]]:
+    """(title, y label, the curves' labels) of each panel of a figure."""
+    return [(ax.get_title(), ax.get_ylabel(), [line.get_label() for line in ax.get_lines()]) for ax in fig.axes]
+
+
+def test_curves_put_each_sample_quality_figure_on_its_own_scale(tmp_path):
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text(
+        "epoch,updates,seconds,D/loss,G/loss,samples/confidence,samples/entropy\n"
+        "1,90,0.5,0.61,0.9,0.40,1.2\n2,180,0.5,0.58,0.8,0.72,2.29\n"
+    )
+    fig = curves_figure(csv_path)
+    loss, confidence, entropy = fig.axes
+    assert [(title, ylabel) for title, ylabel, _ in panels(fig)] == [
+        ("losses", "loss"),
+        ("samples/confidence", "mean max softmax probability"),
+        ("samples/entropy", "predicted-class entropy (nats)"),
     ]
+    assert [line.get_label() for line in loss.get_lines()] == ["D/loss", "G/loss"]
+    assert list(confidence.get_lines()[0].get_ydata()) == [0.40, 0.72]
+    assert confidence.get_ylim()[0] == 0 and 1 < confidence.get_ylim()[1] < 1.2  # the whole 0-1 range
+    curve, reference = entropy.get_lines()
+    assert list(curve.get_ydata()) == [1.2, 2.29]
+    assert list(reference.get_ydata()) == [math.log(10)] * 2 and reference.get_linestyle() == "--"
+    assert [t.get_text() for t in entropy.texts] == ["ln 10 = 2.303: all ten digits equally often"]
+    assert entropy.get_ylim()[0] == 0 and math.log(10) < entropy.get_ylim()[1] < 2.7  # the line in view
+
+
+def test_curves_label_the_y_axes_of_losses_and_metrics(tmp_path):
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text(
+        "epoch,updates,seconds,train/loss,val/loss,train/acc,val/acc\n"
+        "1,23,0.1,2.0,1.5,0.3,0.6\n2,46,0.1,0.01,0.2,0.99,0.96\n"
+    )
+    assert panels(curves_figure(csv_path)) == [
+        ("losses", "loss (log scale)", ["train/loss", "val/loss"]),  # from 2.0 to 0.01: a factor 200
+        ("metrics", "accuracy", ["train/acc", "val/acc"]),
+    ]
+    csv_path.write_text("epoch,updates,seconds,mse/loss,train/mae\n1,4,0.1,0.5,0.4\n2,8,0.1,0.4,0.3\n")
+    assert panels(curves_figure(csv_path)) == [("losses", "loss", ["mse/loss"]), ("metrics", "mae", ["train/mae"])]
 
 
 def test_plot_curves_with_gaps_and_errors(tmp_path):
@@ -166,5 +214,5 @@ def test_plot_curves_with_gaps_and_errors(tmp_path):
 
 
 def test_save_weights_rejects_a_bare_module(tmp_path):
-    with pytest.raises(TypeError, match=r"`models` must be a dict of named nn\.Modules\. Received: Linear"):
+    with pytest.raises(TypeError, match=r"`models` must be a dict of named nn\.Modules\. Received: models of type Linear\. "):
         save_weights(torch.nn.Linear(2, 1), tmp_path / "w.pt")

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainflow import Step, Trainer
-from trainflow.callbacks import CSVLogger, SampleGrid
+from trainflow.callbacks import CSVLogger, SampleGrid, samples
 from trainflow.examples import EXAMPLES, dcgan, quality, wgan_gp
 from trainflow.examples.quality import CLASSIFIER_FILE, SampleQuality, digits_classifier, sample_quality
 
@@ -137,11 +137,11 @@ def test_example_tiny_run_writes_grid_and_quality(module, tmp_path, classifier_f
     monkeypatch.setattr(quality, "_train", lambda *a: pytest.fail("the cached classifier was not reused"))
     logs = module.run(tmp_path, epochs=1, progress=False)
 
-    assert {"val/confidence", "val/entropy", "G/loss"} <= set(logs)
+    assert {"samples/confidence", "samples/entropy", "G/loss"} <= set(logs)
     assert all(math.isfinite(v) for v in logs.values())
-    assert 0.1 <= logs["val/confidence"] <= 1 and 0 <= logs["val/entropy"] <= math.log(10) + 1e-9
+    assert 0.1 <= logs["samples/confidence"] <= 1 and 0 <= logs["samples/entropy"] <= math.log(10) + 1e-9
     rows = read_rows(tmp_path / "metrics.csv")
-    assert len(rows) == 1 and {"val/confidence", "val/entropy"} <= set(rows[0])
+    assert len(rows) == 1 and {"samples/confidence", "samples/entropy"} <= set(rows[0])
     assert all(math.isfinite(float(rows[0][k])) for k in logs)
     for name in ("metrics.csv", "curves.png", "weights.pt", "samples.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -246,10 +246,10 @@ def test_sample_quality_goes_into_the_csv_when_registered_first(tmp_path):
         [torch.randn(4, LATENT)] * 3, epochs=2
     )
     rows = read_rows(tmp_path / "metrics.csv")
-    assert [list(r)[-2:] for r in rows] == [["val/confidence", "val/entropy"]] * 2
-    assert [float(r["val/confidence"]) for r in rows] == [h["val/confidence"] for h in first.history]
+    assert [list(r)[-2:] for r in rows] == [["samples/confidence", "samples/entropy"]] * 2
+    assert [float(r["samples/confidence"]) for r in rows] == [h["samples/confidence"] for h in first.history]
     # a CSVLogger registered before it writes its row before the values exist: the order matters
-    assert "val/confidence" not in read_rows(tmp_path / "late.csv")[0]
+    assert "samples/confidence" not in read_rows(tmp_path / "late.csv")[0]
 
 
 def test_sample_quality_restores_modes_and_leaves_the_rng_alone():
@@ -311,6 +311,47 @@ def test_sample_grid_writes_at_the_right_updates(tmp_path):
     assert len(G.calls) == 15 and G.training and G.net[1].training
 
 
+def test_sample_grid_titles_each_grid_with_its_update_and_epoch(tmp_path, monkeypatch):
+    titles = []
+    draw = samples.save_grid
+
+    def save_grid(images, png_path, **kwargs):  # the real drawing; the title it got is recorded
+        titles.append((Path(png_path).name, kwargs["title"]))
+        return draw(images, png_path, **kwargs)
+
+    monkeypatch.setattr(samples, "save_grid", save_grid)
+    _fit_with_grid(tmp_path, every=5)  # 2 epochs of 5 updates
+    assert titles == [
+        ("samples_5.png", "samples at update 5 (epoch 1)"),   # the last update of epoch 1
+        ("samples_10.png", "samples at update 10 (epoch 2)"),
+        ("samples.png", "samples at update 10 (epoch 2)"),    # after epoch 2 ended
+    ]
+    for name, _ in titles:
+        image = matplotlib.image.imread(tmp_path / name)[..., :3]
+        assert image.shape[:2] == (3 * 60 + 24, 3 * 60)  # 3x3 cells of 60 px under a 24 px title band
+        assert image[:24].min() < 0.5 and image[:24, :5].min() == image[:24, -5:].min() == 1.0  # text, inside
+    untitled = draw(torch.rand(9, 64), tmp_path / "plain.png")  # no title: no band
+    assert matplotlib.image.imread(untitled).shape[:2] == (180, 180)
+
+
+def test_sample_grid_title_after_a_stop_inside_an_epoch(tmp_path, monkeypatch):
+    titles = []
+    draw = samples.save_grid
+
+    def save_grid(images, png_path, **kwargs):
+        titles.append(kwargs["title"])
+        return draw(images, png_path, **kwargs)
+
+    monkeypatch.setattr(samples, "save_grid", save_grid)
+    torch.manual_seed(0)
+    G = Recorder()
+    opt = torch.optim.SGD(G.parameters(), lr=0.1)
+    grid = SampleGrid(G, torch.randn(9, LATENT, generator=torch.Generator().manual_seed(0)))
+    trainer = Trainer(G, Step(lambda z: G(z).mean(), opt, name="g"), callbacks=[grid], out_dir=tmp_path, device="cpu")
+    trainer.fit([torch.randn(4, LATENT)] * 5, max_updates=7)  # stops at the 2nd update of epoch 2
+    assert titles == ["samples at update 7 (epoch 2)"]
+
+
 def test_sample_grid_end_only_custom_path_and_fixed_noise(tmp_path):
     grid, G, _ = _fit_with_grid(tmp_path, path=tmp_path / "out" / "grid.png")
     assert [p.name for p in grid.saved] == ["grid.png"] and (tmp_path / "out" / "grid.png").is_file()
@@ -364,6 +405,17 @@ def test_sample_grid_checks_the_output_and_the_folder_when_fit_starts(tmp_path):
                       callbacks=[SampleGrid(G, torch.randn(4, 2))])
     with pytest.raises(ValueError, match=r"no place to write.*Trainer\(\.\.\., out_dir='runs/exp'\)"):
         trainer.fit([torch.randn(3, 2)], epochs=1)
+
+
+def test_sample_grid_names_the_type_of_a_generator_output_that_is_no_tensor(tmp_path):
+    class Pair(nn.Linear):
+        def forward(self, z):
+            return super().forward(z), z
+
+    G = Pair(2, 64)
+    grid = SampleGrid(G, torch.randn(4, 2), path=tmp_path / "s.png")
+    with pytest.raises(TypeError, match=r"must return a tensor of images\. Received: an output of type tuple\. Return"):
+        grid.images()
 
 
 def test_dcgan_resumed_run_equals_the_uninterrupted_one(tmp_path, classifier_file):

@@ -280,7 +280,7 @@ def test_error_key_not_a_str():
 def test_error_scheduler_built_on_another_optimizer():
     mine, other = _opt(), _opt()
     sched = torch.optim.lr_scheduler.StepLR(other, step_size=1)
-    with pytest.raises(ValueError, match=r"Step 'fit': its scheduler was built on an optimizer that the step does not update.*Received: a StepLR on a SGD"):
+    with pytest.raises(ValueError, match=r"Step 'fit': its scheduler was built on an optimizer that the step does not update.*Received: a scheduler of type StepLR on an optimizer of type SGD that"):
         Step(lambda b: b, mine, name="fit", scheduler=sched)
 
 

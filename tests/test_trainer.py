@@ -475,6 +475,41 @@ def test_accumulate_two_batches_of_8_equals_one_batch_of_16():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
 
 
+def hyperparameter_cells(plan: str) -> list[str]:
+    """The hyperparameters column of each row of a plan, with the cells rich folds joined."""
+    rows: list[str] = []
+    for line in plan.splitlines():
+        cells = line.split("│")
+        if len(cells) == 8:
+            optimizer, text = cells[3].strip(), cells[6].strip()
+            if optimizer:
+                rows.append(text)
+            elif text:  # a folded continuation of the row above
+                rows[-1] += " " + text
+    return rows
+
+
+def test_describe_shows_only_the_hyperparameters_that_differ_from_the_optimizer_defaults():
+    a, b, c = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    sgd = torch.optim.SGD([{"params": a.parameters()}, {"params": b.parameters(), "lr": 0.01, "momentum": 0.0}],
+                          lr=0.1, momentum=0.9, nesterov=True)
+    adam = torch.optim.Adam(c.parameters(), betas=(0.5, 0.999))
+    adamw = torch.optim.AdamW(c.parameters(), lr=1e-3, weight_decay=0.01)  # both AdamW's defaults
+    trainer = Trainer({"a": a, "b": b, "c": c}, [Step(lambda x: x, [sgd, adam], name="s"),
+                                                 Step(lambda x: x, adamw, name="t")], device="cpu")
+    assert hyperparameter_cells(trainer.describe()) == [
+        "lr=0.1, momentum=0.9, nesterov=True", "lr=0.01, nesterov=True",  # momentum=0.0 is SGD's default
+        "betas=(0.5, 0.999)", "(defaults)",
+    ]
+    every = hyperparameter_cells(trainer.describe(all_hyperparameters=True))
+    assert every[1] == "lr=0.01, momentum=0, dampening=0, weight_decay=0, nesterov=True, maximize=False"
+    assert every[2].startswith("lr=0.001, betas=(0.5, 0.999), eps=1e-08, weight_decay=0, amsgrad=False")
+    assert every[3].startswith("lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01, amsgrad=False")
+    with pytest.raises(TypeError, match=r"`all_hyperparameters` must be True .*Received: all_hyperparameters='yes' "
+                                        r"of type str\. Pass e\.g\. all_hyperparameters=True\."):
+        trainer.describe(all_hyperparameters="yes")
+
+
 def test_describe_lists_steps_groups_frozen_and_idle_parameters():
     model = mlp(hidden=5)
     model[0].bias.requires_grad_(False)

@@ -204,7 +204,7 @@ def load(path: str | Path) -> dict[str, Any]:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or "state" not in obj:
         raise ValueError(
             f"{str(path)!r} is not a trainflow checkpoint (expected a file written by trainflow.checkpoint.save, "
-            f"format {FORMAT!r}). Received: a {type(obj).__name__}"
+            f"format {FORMAT!r}). Received: an object of type {type(obj).__name__}"
             f"{' with keys ' + str(sorted(obj)[:8]) if isinstance(obj, dict) else ''}."
         )
     return obj["state"]

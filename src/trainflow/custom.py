@@ -85,7 +85,7 @@ class UpdateContext:
         if all(optimizer is not opt for opt in self.optimizers):
             raise ValueError(
                 f"Step {self._step.name!r}: the optimizer passed to ctx is not one of this step's optimizers. "
-                f"Received: a {type(optimizer).__name__}; the step has "
+                f"Received: an optimizer of type {type(optimizer).__name__}; the step has "
                 f"{[type(o).__name__ for o in self.optimizers]}. Give it to Step.custom(..., [opts]) too."
             )
         return (optimizer,)
@@ -188,6 +188,7 @@ def check_result(out: Any, step: str) -> dict[str, Any]:
     if not isinstance(out, dict):
         raise TypeError(
             f"Step {step!r}: a custom update must return None, a scalar tensor or a dict of them to log. "
-            f"Received: {type(out).__name__}. Return e.g. {{'d_loss': d_loss, 'g_loss': g_loss}}."
+            f"Received: a return value of type {type(out).__name__}. "
+            "Return e.g. {'d_loss': d_loss, 'g_loss': g_loss}."
         )
     return out

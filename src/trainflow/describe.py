@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 from typing import TYPE_CHECKING, Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -29,25 +31,65 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _hparams(group: dict[str, Any]) -> str:
-    """Every hyperparameter of the group (``nesterov=False`` too), implementation switches when set."""
-    return ", ".join(
+def _defaults(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer class's own defaults: its constructor's keyword defaults (``SGD``: ``momentum=0``...).
+
+    For PyTorch's optimizers, also what the class sets itself (``AdamW``'s
+    ``decoupled_weight_decay=True``), read from one built on a dummy parameter.
+    """
+    cls = type(optimizer)
+    try:
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: every value is shown
+        return {}
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    if cls.__module__.startswith("torch.optim"):
+        try:
+            defaults.update(cls([torch.zeros(1, requires_grad=True)]).defaults)
+        except (TypeError, ValueError, RuntimeError):  # one that needs more arguments: the signature's
+            pass
+    return defaults
+
+
+def _same(value: Any, default: Any) -> bool:
+    """``value == default``, with lists and tuples alike (``betas``) and tensors never equal."""
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        return len(value) == len(default) and all(_same(v, d) for v, d in zip(value, default))
+    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
+        return False
+    try:
+        return bool(value == default)
+    except (TypeError, ValueError, RuntimeError):  # a value that cannot be compared is shown
+        return False
+
+
+def _hparams(group: dict[str, Any], defaults: dict[str, Any] | None) -> str:
+    """The group's hyperparameters that differ from ``defaults`` (all of them for None).
+
+    ``None`` values and implementation switches left off (``foreach``, ``fused``...) are never
+    shown: they change speed, not the numbers.
+    """
+    shown = [
         f"{k}={_fmt(v)}"
         for k, v in group.items()
         if k not in _HIDDEN and v is not None and not (k in _SWITCHES and v is False)
-    )
+        and not (defaults is not None and k in defaults and _same(v, defaults[k]))
+    ]
+    return ", ".join(shown) if shown else "(defaults)"
 
 
 def _count(n: int) -> str:
     return f"{n:,}"
 
 
-def describe(trainer: Trainer) -> str:
+def describe(trainer: Trainer, *, all_hyperparameters: bool = False) -> str:
     """Render ``trainer``'s plan: one row per parameter group of every step's optimizers.
 
     Each row shows the group's name (its ``param_groups`` pattern, or the ``"name"`` given;
     ``#i`` for an unnamed group), the number of trainable parameter elements, how many of its
-    tensors are frozen, and every hyperparameter. Below the table: the cycle, the totals, the
+    tensors are frozen, and the hyperparameters that differ from the optimizer class's own
+    defaults (its constructor's: ``SGD(lr=0.1)`` shows ``lr=0.1``, not ``momentum=0``), or
+    ``(defaults)``; ``all_hyperparameters=True`` shows every one. Below the table: the cycle, the totals, the
     frozen parameters, the modules kept in eval mode during fit (``freeze(...,
     batchnorm="eval")``), and a warning for trainable parameters that no step updates.
 
@@ -58,9 +100,17 @@ def describe(trainer: Trainer) -> str:
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> trainer = Trainer(model, Step(lambda b: model(b).pow(2).mean(), opt, name="fit"), device="cpu")
         >>> text = describe(trainer)
-        >>> "trainflow plan" in text and "SGD" in text and "lr=0.1" in text
+        >>> "trainflow plan" in text and "SGD" in text and "lr=0.1" in text and "momentum" not in text
+        True
+        >>> "lr=0.1, momentum=0, dampening=0" in describe(trainer, all_hyperparameters=True)
         True
     """
+    if not isinstance(all_hyperparameters, bool):
+        raise TypeError(
+            "describe: `all_hyperparameters` must be True (every hyperparameter) or False (those that differ "
+            f"from the optimizer's defaults). Received: all_hyperparameters={all_hyperparameters!r} of type "
+            f"{type(all_hyperparameters).__name__}. Pass e.g. all_hyperparameters=True."
+        )
     table = Table(title="trainflow plan", title_justify="left", show_lines=False)
     for col in ("step", "schedule", "optimizer", "group", "params", "hyperparameters"):
         table.add_column(col, overflow="fold")
@@ -78,6 +128,7 @@ def describe(trainer: Trainer) -> str:
         schedule += [repr(s) for s in step.schedulers]
         first = True
         for opt in step.optimizers:
+            defaults = None if all_hyperparameters else _defaults(opt)
             for gi, group in enumerate(opt.param_groups):
                 params = group["params"]
                 trainable = [p for p in params if p.requires_grad]
@@ -92,7 +143,7 @@ def describe(trainer: Trainer) -> str:
                     type(opt).__name__,
                     str(group.get("name", f"#{gi}")),
                     count,
-                    _hparams(group),
+                    _hparams(group, defaults),
                 )
                 table.add_row(*(Text(cell) for cell in cells))  # Text: brackets are not markup
                 first = False

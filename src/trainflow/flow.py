@@ -43,7 +43,8 @@ class Flow:
         for i, step in enumerate(steps):
             if not isinstance(step, Step):
                 raise TypeError(
-                    f"Trainer: `steps[{i}]` must be a trainflow.Step. Received: {type(step).__name__}. "
+                    f"Trainer: `steps[{i}]` must be a trainflow.Step. "
+                    f"Received: steps[{i}] of type {type(step).__name__}. "
                     "Wrap the loss and optimizer: Step(loss, optimizer)."
                 )
         self.steps: tuple[Step, ...] = tuple(steps)

@@ -62,7 +62,8 @@ class Metrics:
             if missing:
                 raise TypeError(
                     f"Trainer: metric {key!r} must have update/compute/reset methods (a torchmetrics "
-                    f"Metric). Received: {type(metric).__name__}, which lacks {', '.join(missing)}."
+                    f"Metric). Received: metrics[{key!r}] of type {type(metric).__name__}, "
+                    f"which lacks {', '.join(missing)}."
                 )
             if callable(getattr(metric, "persistent", None)):
                 metric.persistent(True)  # torchmetrics: put the running state in state_dict (resume)

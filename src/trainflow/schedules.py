@@ -96,8 +96,9 @@ class Schedule:
             if owner is not None and all(owner is not opt for opt in optimizers):
                 raise ValueError(
                     f"Step {step!r}: its scheduler was built on an optimizer that the step does not update, so "
-                    f"stepping it would change nothing the step trains. Received: a {type(self.schedule).__name__} "
-                    f"on a {type(owner).__name__} that is not among the step's optimizers. "
+                    f"stepping it would change nothing the step trains. Received: a scheduler of type "
+                    f"{type(self.schedule).__name__} on an optimizer of type {type(owner).__name__} "
+                    "that is not among the step's optimizers. "
                     "Build the scheduler on one of this step's optimizers, or give it to the step that owns it."
                 )
             return

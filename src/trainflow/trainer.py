@@ -941,11 +941,11 @@ class Trainer:
         """Every parameter of the models, named as in ``describe()`` (``"<model>.<name>"`` for a dict)."""
         return named_parameters(self.model_tree)
 
-    def describe(self) -> str:
+    def describe(self, *, all_hyperparameters: bool = False) -> str:
         """The plan as a table: steps, optimizers, parameter groups, counts, frozen and idle parameters."""
         from trainflow.describe import describe
 
-        return describe(self)
+        return describe(self, all_hyperparameters=all_hyperparameters)
 
 
 def _add_val_losses(sums: dict[str, list], terms: list[Term], batch: Any) -> None:

@@ -44,8 +44,9 @@ class Checkpoint:
       the epoch's logs, or from the update's losses for an every-N-updates save; a save
       without it (or with NaN) is never "best".
     - ``index.json`` in the folder lists the kept files (update, epoch, time, monitored value,
-      why it was saved, which are best and which are last); it is rewritten atomically after
-      each save. It is informational: the checkpoint files themselves are the truth.
+      why it was saved, which are best, and ``"last": true`` on the newest one only: the file
+      ``resume="latest"`` picks); it is rewritten atomically after each save. It is
+      informational: the checkpoint files themselves are the truth.
     - When ``fit`` stops early (``trainer.stop_reason`` set: ``"nonfinite"``, ``"signal"``,
       ``"requested"`` by e.g. ``EarlyStopping``), the state is saved at ``on_fit_end``.
     - **Preemption**: during ``fit`` (in the main thread) SIGTERM and SIGINT only set a flag;
@@ -258,15 +259,16 @@ class Checkpoint:
         return {r["file"] for r in self.records[-self.keep_last :]} | set(self._best())
 
     def _write_index(self) -> None:
-        best, last = self._best(), {r["file"] for r in self.records[-self.keep_last :]}
+        best = self._best()
+        last = self.records[-1]["file"] if self.records else None  # the newest file: the one resume picks
         index = {
             "format": INDEX_FORMAT,
             "monitor": self.monitor,
             "mode": self.mode,
-            "latest": self.records[-1]["file"] if self.records else None,
+            "latest": last,
             "best": best[0] if best else None,
             "checkpoints": [
-                {**r, "best": r["file"] in best, "last": r["file"] in last} for r in self.records
+                {**r, "best": r["file"] in best, "last": r["file"] == last} for r in self.records
             ],
         }
         fd, tmp = tempfile.mkstemp(prefix=f".{INDEX}.", suffix=".tmp", dir=self._folder)

@@ -42,8 +42,8 @@ class LossLogger:
         ...     return model(x).pow(2).mean()
         >>> trainer = Trainer(model, [Step(l2, opt)], callbacks=[LossLogger(every=2)])
         >>> trainer.fit(data, epochs=1)
-        update 2  l2/loss=0
-        update 4  l2/loss=0
+        update 2  l2/loss=0.0000
+        update 4  l2/loss=0.0000
     """
 
     def __init__(self, every: int = 100, print_func: Callable[[dict[str, float]], Any] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -9,16 +10,38 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from trainflow.callbacks._args import number
-from trainflow.callbacks._values import floats, fmt
+from trainflow.callbacks._values import Columns, duration, floats, fmt
 
 __all__ = ["ProgressBar", "is_terminal"]
 
 
-def summary(trainer: Any, logs: dict[str, float], seconds: float) -> str:
-    """One epoch as a line: ``epoch 3  updates 84  D/loss 0.612  val/acc 0.953  (1.2s)``."""
-    values = "".join(f"  {key} {fmt(v)}" for key, v in logs.items())
-    of = f"/{trainer.max_epochs}" if getattr(trainer, "max_epochs", None) else ""
-    return f"epoch {trainer.epoch}{of}  updates {trainer.updates}{values}  ({seconds:.1f}s)"
+def summary(trainer: Any, logs: dict[str, float], seconds: float, columns: Columns | None = None) -> str:
+    """One epoch as a line: ``epoch 3/20   updates 84   D/loss 0.6120  val/acc 0.9530  (1.2s)``.
+
+    Values have 4 decimals (see ``fmt``); the time is in ms below a second. With the same
+    ``columns`` for every epoch of a run, the columns of successive lines align: the counters
+    are padded to the width of their final value (``20/20``, and the updates at the end of
+    the run when the epoch limit tells), each value to the widest it has been.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> columns = Columns()
+        >>> for epoch, loss in ((9, 12.5), (10, 0.25)):
+        ...     trainer = SimpleNamespace(epoch=epoch, max_epochs=10, updates=9 * epoch, max_updates=None)
+        ...     print(summary(trainer, {"D/loss": loss, "val/acc": 1.0}, 0.0421, columns))
+        epoch 9/10   updates 81  D/loss 12.5000  val/acc 1.0000  (42ms)
+        epoch 10/10  updates 90  D/loss  0.2500  val/acc 1.0000  (42ms)
+    """
+    columns = columns if columns is not None else Columns()
+    max_epochs, max_updates = getattr(trainer, "max_epochs", None), getattr(trainer, "max_updates", None)
+    of = f"/{max_epochs}" if max_epochs else ""
+    epoch = columns.cell("epoch", f"{trainer.epoch}{of}", left=True, width=len(f"{max_epochs}{of}") if of else 0)
+    final = max_updates
+    if max_epochs and trainer.epoch > 0:  # this many updates at the end, if epochs keep their length
+        final = max(final or 0, math.ceil(trainer.updates * max_epochs / trainer.epoch))
+    updates = columns.cell("updates", str(trainer.updates), left=True, width=len(str(final)) if final else 0)
+    values = "".join(f"  {key} {columns.cell(key, fmt(v))}" for key, v in logs.items())
+    return f"epoch {epoch}  updates {updates}{values}  ({duration(seconds)})"
 
 
 def is_terminal() -> bool:
@@ -39,7 +62,8 @@ class ProgressBar:
     which is also the only time the loss values are read from the device. Each finished epoch
     leaves one summary line above the bar. When the console is not a terminal (a log file,
     CI, pytest) there is no bar: only the summary line per epoch,
-    ``epoch 3  updates 84  D/loss 0.612  val/acc 0.953  (1.2s)``.
+    ``epoch 3/20   updates 84   D/loss 0.6120  val/acc 0.9530  (1.2s)``, whose columns align
+    from one epoch to the next (see :func:`summary`).
 
     Args:
         refresh_per_second: how often the bar and its text are redrawn.
@@ -63,8 +87,8 @@ class ProgressBar:
         >>> bar = ProgressBar(console=Console(file=out, force_terminal=False))
         >>> Trainer(model, [Step(l2, opt)], callbacks=[bar]).fit(data, epochs=2)
         >>> print(out.getvalue(), end="")  # doctest: +ELLIPSIS
-        epoch 1/2  updates 4  l2/loss 0  (...s)
-        epoch 2/2  updates 8  l2/loss 0  (...s)
+        epoch 1/2  updates 4  l2/loss 0.0000  (...s)
+        epoch 2/2  updates 8  l2/loss 0.0000  (...s)
     """
 
     def __init__(self, refresh_per_second: float = 4, console: Console | None = None) -> None:
@@ -84,10 +108,12 @@ class ProgressBar:
         self._latest: dict[str, Any] = {}
         self._next_redraw = 0.0
         self._epoch_start = time.monotonic()
+        self._columns = Columns()
 
     def on_fit_start(self, trainer: Any) -> None:
         self._epoch_start = time.monotonic()
         self._next_redraw = 0.0
+        self._columns = Columns()  # the epoch lines of one fit align
         if self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("{task.description}"),
@@ -96,6 +122,9 @@ class ProgressBar:
                 TimeElapsedColumn(),
                 console=self.console,
                 refresh_per_second=self.refresh_per_second,
+                # erased when fit ends: a run stopped mid-epoch (Ctrl-C, a signal, an error) would
+                # otherwise leave its last, stale frame on screen; the summary lines stay
+                transient=True,
             )
             self.progress.start()
 
@@ -123,7 +152,7 @@ class ProgressBar:
         self.progress.refresh()  # draw now: a short epoch may end before the refresh thread wakes
 
     def on_epoch_end(self, trainer: Any, logs: dict[str, float]) -> None:
-        line = summary(trainer, logs, time.monotonic() - self._epoch_start)
+        line = summary(trainer, logs, time.monotonic() - self._epoch_start, self._columns)
         if self.progress is None:
             self.console.print(line, markup=False, highlight=False, soft_wrap=True)
             return
@@ -145,7 +174,7 @@ class ProgressBar:
         self._next_redraw = 0.0
 
     def _stop(self) -> None:
-        """End the live display (also after an error), leaving the terminal as it was."""
+        """End the live display (also after an error): the bar is erased, the summary lines stay."""
         progress, self.progress, self._task = self.progress, None, None
         if progress is not None:
             progress.stop()

@@ -16,6 +16,8 @@ __all__ = ["SampleGrid", "save_grid"]
 
 #: the smallest drawn size of one image, in pixels: 8x8 digits are enlarged to stay visible
 _MIN_CELL = 60
+#: the height of the title band above a grid, in pixels
+_TITLE_BAND = 24
 
 
 def _as_images(images: torch.Tensor, owner: str) -> torch.Tensor:
@@ -40,12 +42,14 @@ def save_grid(
     *,
     value_range: tuple[float, float] = (0.0, 1.0),
     columns: int | None = None,
+    title: str | None = None,
 ) -> Path:
     """Draw ``images`` as one grid in a PNG: grey images dark on white, colour images as they are.
 
     ``images`` is ``(n, C, H, W)`` (C 1 or 3), ``(n, H, W)`` or ``(n, H*W)`` (square); pixel values
     in ``value_range`` span the colour scale. Each image gets a one-pixel blank border, and
-    small images are enlarged (nearest neighbour) so that 8x8 digits stay legible.
+    small images are enlarged (nearest neighbour) so that 8x8 digits stay legible. A ``title``
+    is written in a band above the grid (``SampleGrid`` writes the update and epoch there).
 
     Example:
         >>> import tempfile, torch
@@ -68,8 +72,14 @@ def save_grid(
     grid = grid.reshape(rows * (height + 2), cols * (width + 2), channels)
     scale = max(1, math.ceil(_MIN_CELL / (height + 2)))
     dpi = 100
-    fig = Figure(figsize=(grid.shape[1] * scale / dpi, grid.shape[0] * scale / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, 1))
+    width, height = grid.shape[1] * scale, grid.shape[0] * scale  # pixels
+    band = _TITLE_BAND if title else 0
+    fig = Figure(figsize=(width / dpi, (height + band) / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, height / (height + band)))
+    if title:
+        # 10 points, smaller when a narrow grid needs it (a character is about 0.6 em wide)
+        size = min(10.0, 0.92 * width / (0.6 * len(title)) * 72 / dpi)
+        fig.text(0.5, 1 - 0.5 * band / (height + band), title, ha="center", va="center", fontsize=size)
     pixels = grid.squeeze(2).numpy() if channels == 1 else grid.numpy()
     ax.imshow(pixels, cmap="gray" if channels == 1 else None, vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
@@ -92,7 +102,8 @@ class SampleGrid:
     the grids of one run show the same latent points as training goes on. The generator is
     run in eval mode without gradients; every module's train/eval mode is restored afterwards.
     The files are ``samples_<update>.png`` (``trainer.updates`` when it is a multiple of
-    ``every``) and ``samples.png`` at the end, in the folder of ``path``.
+    ``every``) and ``samples.png`` at the end, in the folder of ``path``; each is titled with
+    the update and its epoch, ``samples at update 1,080 (epoch 12)``.
 
     Args:
         generator: the module that maps ``noise`` to images in ``value_range``: ``(n, C, H, W)``
@@ -169,6 +180,7 @@ class SampleGrid:
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.saved: list[Path] = []
         self._final: Path | None = None
+        self._open = False  # whether the latest update's epoch is still running
 
     def images(self) -> torch.Tensor:
         """``generator(noise)`` in eval mode without gradients, as ``(n, C, H, W)`` on the CPU."""
@@ -182,24 +194,36 @@ class SampleGrid:
                 module.training = training
         if not isinstance(out, torch.Tensor):
             raise TypeError(
-                f"SampleGrid: the generator must return a tensor of images. Received: {type(out).__name__}."
+                f"SampleGrid: the generator must return a tensor of images. Received: an output of type "
+                f"{type(out).__name__}. Return the images as one tensor, e.g. (n, 1, 28, 28)."
             )
         return _as_images(out.float().cpu(), "SampleGrid")
 
-    def save(self, png_path: str | Path) -> Path:
-        """Draw the current samples to ``png_path`` now."""
-        path = save_grid(self.images(), png_path, value_range=self.value_range, columns=self.columns)
+    def save(self, png_path: str | Path, title: str | None = None) -> Path:
+        """Draw the current samples to ``png_path`` now, under ``title`` if given."""
+        path = save_grid(self.images(), png_path, value_range=self.value_range, columns=self.columns, title=title)
         self.saved.append(path)
         return path
 
     def on_fit_start(self, trainer: Any) -> None:
         self._final = output_path("SampleGrid", "path", self.path, trainer, "samples.png")
+        self._open = trainer.epoch_progress[0] > 0  # resumed inside an epoch
         self.images()  # a generator whose output is no image fails here, not at the first save
 
     def on_update_end(self, trainer: Any, step: Any, losses: dict[str, Any]) -> None:
+        self._open = True  # this update belongs to epoch trainer.epoch + 1, which has not ended yet
         if self.every is not None and trainer.updates % self.every == 0 and self._final is not None:
-            self.save(self._final.with_name(f"{self._final.stem}_{trainer.updates}{self._final.suffix}"))
+            path = self._final.with_name(f"{self._final.stem}_{trainer.updates}{self._final.suffix}")
+            self.save(path, _title(trainer.updates, trainer.epoch + 1))
+
+    def on_epoch_end(self, trainer: Any, logs: dict[str, float]) -> None:
+        self._open = False
 
     def on_fit_end(self, trainer: Any) -> None:
         if self._final is not None:
-            self.save(self._final)
+            self.save(self._final, _title(trainer.updates, trainer.epoch + self._open))
+
+
+def _title(updates: int, epoch: int) -> str:
+    """``samples at update 1,080 (epoch 12)``: the epoch is the one the update belongs to."""
+    return f"samples at update {updates:,} (epoch {epoch})"

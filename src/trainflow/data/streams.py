@@ -231,7 +231,8 @@ def open_streams(data: Any, needed: Mapping[str, str], device: torch.device) -> 
         if isinstance(iterable, (str, bytes)) or not isinstance(iterable, Iterable):
             raise TypeError(
                 f"fit: data stream {name!r} must be an iterable of batches (e.g. a DataLoader). "
-                f"Received: {type(iterable).__name__}. Wrap tensors in a DataLoader(TensorDataset(...))."
+                f"Received: stream {name!r} of type {type(iterable).__name__}. Wrap tensors in a "
+                "DataLoader(TensorDataset(...))."
             )
         if isinstance(iterable, Iterator):
             raise TypeError(

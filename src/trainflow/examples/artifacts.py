@@ -21,11 +21,25 @@ from torch import nn
 from trainflow.callbacks import Checkpoint, CSVLogger, ProgressBar
 from trainflow.trainer import Trainer
 
-__all__ = ["epochs_or_default", "finish", "is_loss", "plot_curves", "save_weights"]
+__all__ = ["curves_figure", "epochs_or_default", "finish", "is_loss", "plot_curves", "save_weights"]
 
 #: columns that CSVLogger writes before the epoch values; not curves
 _BOOKKEEPING = ("epoch", "updates", "seconds")
-_PHASES = ("train", "val")
+#: prefixes of values that are not losses: metrics of training and validation, and figures
+#: measured on generated samples (``trainflow.examples.quality``: no validation data involved)
+_PHASES = ("train", "val", "samples")
+_LN10 = math.log(10)
+#: panels of their own for the sample-quality figures, each on its own scale:
+#: key -> (title, y label, y range, reference line (value, label) or None)
+_SCALES: dict[str, tuple[str, str, tuple[float, float], tuple[float, str] | None]] = {
+    "samples/confidence": (
+        "samples/confidence", "mean max softmax probability", (0.0, 1.0), None,
+    ),
+    "samples/entropy": (
+        "samples/entropy", "predicted-class entropy (nats)", (0.0, _LN10),
+        (_LN10, "ln 10 = 2.303: all ten digits equally often"),
+    ),
+}
 
 
 def epochs_or_default(epochs: int | None, default: int) -> int:
@@ -49,11 +63,12 @@ def is_loss(key: str) -> bool:
     """Whether a log key is a loss (plotted with the losses) rather than a metric.
 
     Step losses are keyed ``"<step>/<loss>"``; metrics are ``"train/<name>"`` or
-    ``"val/<name>"``, where validation losses (``"val/loss"``) also live.
+    ``"val/<name>"``, where validation losses (``"val/loss"``) also live, and the quality of
+    a GAN's generated samples is ``"samples/<name>"``.
 
     Example:
-        >>> [is_loss(k) for k in ("D/loss", "mse/loss", "train/acc", "val/acc", "val/loss")]
-        [True, True, False, False, True]
+        >>> [is_loss(k) for k in ("D/loss", "mse/loss", "train/acc", "val/acc", "val/loss", "samples/entropy")]
+        [True, True, False, False, True, False]
     """
     phase, _, name = key.partition("/")
     return phase not in _PHASES or "loss" in name
@@ -81,7 +96,7 @@ def _read(csv_path: Path) -> tuple[list[float], dict[str, list[float]]]:
     return epochs, series
 
 
-def _panel(ax, epochs: list[float], series: dict[str, list[float]], title: str) -> None:
+def _panel(ax, epochs: list[float], series: dict[str, list[float]], title: str, ylabel: str) -> None:
     marker = "o" if len(epochs) <= 30 else None  # a single epoch is still visible as a dot
     for key, values in series.items():
         ax.plot(epochs, values, marker=marker, markersize=3, label=key)
@@ -89,19 +104,85 @@ def _panel(ax, epochs: list[float], series: dict[str, list[float]], title: str) 
     # losses that fall by orders of magnitude (seed 000's MSE) read better on a log axis
     if finite and min(finite) > 0 and max(finite) / min(finite) > 20:
         ax.set_yscale("log")
+        ylabel += " (log scale)"
     ax.set_title(title)
     ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
 
 
-def plot_curves(csv_path: str | Path, png_path: str | Path) -> Path:
-    """Plot the per-epoch curves of a ``CSVLogger`` file to a PNG: losses, then metrics.
+def _scaled_panel(ax, epochs: list[float], key: str, values: list[float]) -> None:
+    """A sample-quality figure on its own fixed scale, with its reference line labelled on it."""
+    title, ylabel, (low, high), reference = _SCALES[key]
+    marker = "o" if len(epochs) <= 30 else None
+    ax.plot(epochs, values, marker=marker, markersize=3, color="tab:green")  # the title names the curve
+    span = high - low
+    ax.set_ylim(low, high + 0.12 * span)  # the top of the scale, its line and label stay in view
+    if reference is not None:
+        value, label = reference
+        ax.axhline(value, color="grey", linestyle="--", linewidth=1)
+        # above the line, where a curve on this scale never goes: the label is never covered
+        ax.text(0.02, value + 0.015 * span, label, transform=ax.get_yaxis_transform(),
+                color="dimgrey", fontsize="small", va="bottom")
+    ax.set_title(title)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
 
-    Losses (see :func:`is_loss`) go in the left panel, metrics such as ``train/acc`` and
-    ``val/acc`` in the right one (omitted when there are none). Empty cells (a value that
-    appears only in later epochs) are gaps in the curve.
+
+#: metric names spelled out on the y axis
+_SPELLED = {"acc": "accuracy"}
+
+
+def _metric_label(keys: list[str]) -> str:
+    """The y label of the metrics panel: the metric names, e.g. ``accuracy`` for train/acc and val/acc."""
+    names = dict.fromkeys(key.partition("/")[2] or key for key in keys)
+    return ", ".join(_SPELLED.get(name, name) for name in names)
+
+
+def curves_figure(csv_path: str | Path) -> Figure:
+    """The figure :func:`plot_curves` saves: one panel per kind of value in a ``CSVLogger`` file.
+
+    Panels, in order: the losses (see :func:`is_loss`; y axis "loss", on a log scale when they
+    span more than a factor of 20); the train/val metrics such as ``train/acc`` and ``val/acc``
+    (y axis: their names, ``acc`` spelled ``accuracy``); and each sample-quality figure on its own scale:
+    ``samples/confidence`` from 0 to 1, ``samples/entropy`` from 0 to ``ln 10`` with that
+    maximum drawn as a dashed reference line. Empty panels are left out; empty cells (a value
+    that appears only in later epochs) are gaps in the curve.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> csv_path = Path(tempfile.mkdtemp()) / "metrics.csv"
+        >>> _ = csv_path.write_text("epoch,updates,seconds,G/loss,samples/confidence,samples/entropy\\n"
+        ...                         "1,90,0.5,0.9,0.61,1.9\\n2,180,0.5,0.8,0.72,2.2\\n")
+        >>> [(ax.get_title(), ax.get_ylabel()) for ax in curves_figure(csv_path).axes]  # doctest: +NORMALIZE_WHITESPACE
+        [('losses', 'loss'), ('samples/confidence', 'mean max softmax probability'),
+         ('samples/entropy', 'predicted-class entropy (nats)')]
+    """
+    epochs, series = _read(Path(csv_path))
+    losses = {k: v for k, v in series.items() if is_loss(k)}
+    metrics = {k: v for k, v in series.items() if not is_loss(k) and k not in _SCALES}
+    panels: list[Any] = []
+    if losses:
+        panels.append(lambda ax: _panel(ax, epochs, losses, "losses", "loss"))
+    if metrics:
+        panels.append(lambda ax: _panel(ax, epochs, metrics, "metrics", _metric_label(list(metrics))))
+    for key in (k for k in series if k in _SCALES):
+        panels.append(lambda ax, key=key: _scaled_panel(ax, epochs, key, series[key]))
+    columns = min(max(len(panels), 1), 3)
+    rows = max(math.ceil(len(panels) / columns), 1)
+    fig = Figure(figsize=(5 * columns, 4 * rows), layout="constrained")
+    for i, draw in enumerate(panels):
+        draw(fig.add_subplot(rows, columns, i + 1))
+    return fig
+
+
+def plot_curves(csv_path: str | Path, png_path: str | Path) -> Path:
+    """Plot the per-epoch curves of a ``CSVLogger`` file to a PNG (see :func:`curves_figure`).
 
     Returns:
         The path of the PNG.
@@ -115,15 +196,8 @@ def plot_curves(csv_path: str | Path, png_path: str | Path) -> Path:
         >>> plot_curves(tmp / "metrics.csv", tmp / "curves.png").name
         'curves.png'
     """
-    csv_path, png_path = Path(csv_path), Path(png_path)
-    epochs, series = _read(csv_path)
-    losses = {k: v for k, v in series.items() if is_loss(k)}
-    metrics = {k: v for k, v in series.items() if not is_loss(k)}
-    panels = [(losses, "losses"), (metrics, "metrics")]
-    panels = [(s, t) for s, t in panels if s]
-    fig = Figure(figsize=(5.5 * max(len(panels), 1), 4), layout="constrained")
-    for i, (values, title) in enumerate(panels):
-        _panel(fig.add_subplot(1, len(panels), i + 1), epochs, values, title)
+    fig = curves_figure(csv_path)
+    png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=100)
     return png_path
@@ -141,7 +215,8 @@ def save_weights(models: Mapping[str, nn.Module], path: str | Path) -> Path:
     """
     if not isinstance(models, Mapping) or not all(isinstance(m, nn.Module) for m in models.values()):
         raise TypeError(
-            f"save_weights: `models` must be a dict of named nn.Modules. Received: {type(models).__name__}. "
+            f"save_weights: `models` must be a dict of named nn.Modules. Received: models of type "
+            f"{type(models).__name__}. "
             "Pass e.g. {'G': generator, 'D': discriminator}."
         )
     path = Path(path)

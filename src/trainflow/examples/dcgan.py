@@ -19,7 +19,7 @@ over seeds 0-4, see ``docs/performance.md``):
   decay 0.998, updated after each G update), which smooths the last epochs' oscillation.
 
 Each epoch, :class:`~trainflow.examples.quality.SampleQuality` scores 1,000 samples with a
-digits classifier (``val/confidence``, ``val/entropy``); ``SampleGrid`` writes a grid every 10
+digits classifier (``samples/confidence``, ``samples/entropy``); ``SampleGrid`` writes a grid every 10
 epochs and ``samples.png`` at the end.
 """
 

@@ -8,8 +8,9 @@ Two figures, both computed by a small CNN trained (with trainflow) on the 8x8 di
   draws every digit equally often reaches ``ln 10 = 2.303``; one that collapses onto a few
   digits scores lower (mode coverage).
 
-:class:`SampleQuality` adds both to each epoch's ``logs`` as ``val/confidence`` and
-``val/entropy`` (so the CSV and progress loggers registered after it record them). The
+:class:`SampleQuality` adds both to each epoch's ``logs`` as ``samples/confidence`` and
+``samples/entropy`` (so the CSV and progress loggers registered after it record them): figures
+of generated samples, not of validation data, hence not ``val/...``. The
 classifier is trained once and cached as ``classifier.pt`` in the run folder; a cached file is
 loaded with ``weights_only=True`` and reused when it still fits the architecture and its
 recorded validation accuracy meets :data:`MIN_ACCURACY`.
@@ -40,7 +41,7 @@ MIN_ACCURACY = 0.97
 FORMAT = "trainflow.examples.quality/1"
 EPOCHS = 15
 LR = 3e-3
-KEYS = ("val/confidence", "val/entropy")
+KEYS = ("samples/confidence", "samples/entropy")
 
 
 def build_classifier() -> nn.Module:
@@ -165,7 +166,7 @@ def sample_quality(classifier: nn.Module, images: torch.Tensor) -> tuple[float, 
 class SampleQuality:
     """At each epoch end, add the quality of ``generator(noise)`` to the epoch's ``logs``.
 
-    Adds ``val/confidence`` and ``val/entropy`` (see :func:`sample_quality`). The trainer
+    Adds ``samples/confidence`` and ``samples/entropy`` (see :func:`sample_quality`). The trainer
     hands every ``on_epoch_end`` callback the same ``logs`` dict in registration order, so
     register this one *before* ``CSVLogger`` and ``ProgressBar`` for them to record the values.
     The generator runs in eval mode without gradients (each module's mode is restored after),
@@ -183,7 +184,7 @@ class SampleQuality:
         >>> logs = {}
         >>> SampleQuality(g, c, torch.randn(50, 4)).on_epoch_end(None, logs)
         >>> sorted(logs)
-        ['val/confidence', 'val/entropy']
+        ['samples/confidence', 'samples/entropy']
     """
 
     def __init__(self, generator: nn.Module, classifier: nn.Module, noise: torch.Tensor) -> None:

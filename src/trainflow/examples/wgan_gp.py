@@ -6,7 +6,9 @@ times per generator update, each on a fresh batch:
 
 - the critic's losses are its mean score on generated images, minus its mean score on real
   images, and the WGAN gradient penalty ``10 * (|grad_x D(x_hat)| - 1)^2`` on images
-  ``x_hat`` interpolated between real and generated ones. The penalty differentiates through
+  ``x_hat`` interpolated between real and generated ones. NeMo's Loss 2 (real images) and
+  Loss 3 (the penalty) as they are; its Loss 1 scores the critic on the interpolated images,
+  this one on the generated images, as Gulrajani et al.'s WGAN-GP does. The penalty differentiates through
   the critic twice (``torch.autograd.grad(..., create_graph=True)``); the D step still writes
   gradients into the critic's parameters only. The three are logged as ``D/fake``,
   ``D/real``, ``D/penalty``;
@@ -18,8 +20,8 @@ times per generator update, each on a fresh batch:
 
 The networks are the ``dcgan`` example's (no spectral normalisation: the gradient penalty
 constrains the critic), Adam with ``betas=(0.5, 0.9)``. Each epoch the samples are scored by
-the digits classifier (``val/confidence``, ``val/entropy``); grids are written every 40 epochs
-and ``samples.png`` at the end.
+the digits classifier (``samples/confidence``, ``samples/entropy``); grids are written every
+40 epochs and ``samples.png`` at the end.
 """
 
 from __future__ import annotations
