@@ -338,8 +338,11 @@ def test_fit_iterator_and_missing_train_stream(model, opt):
 
 def test_fit_val_data_without_val_step(model, opt):
     trainer = Trainer(model, [Step(mse(model), opt)], device="cpu")
-    with pytest.raises(ValueError, match=r"`val_data` and `val_step` go together"):
+    with pytest.raises(ValueError, match=r"`val_data` and `val_step` go together. "
+                                         r"Received: val_data of type DataLoader, val_step=None\. Pass both"):
         trainer.fit(regression_loader(), epochs=1, val_data=regression_loader())
+    with pytest.raises(ValueError, match=r"Received: val_data=None, val_step=<function"):
+        trainer.fit(regression_loader(), epochs=1, val_step=lambda batch: None)
 
 
 # ---------------------------------------------------------------- loss values (known only when the loss runs)

@@ -310,7 +310,8 @@ class Trainer:
         if (val_data is None) != (val_step is None):
             raise ValueError(
                 "fit: `val_data` and `val_step` go together. Received: "
-                f"val_data={'set' if val_data is not None else None}, val_step={val_step!r}. "
+                f"{'val_data=None' if val_data is None else f'val_data of type {type(val_data).__name__}'}, "
+                f"val_step={val_step!r}. "
                 "Pass both (val_step(batch) updates the 'val/' metrics and may return a loss) or neither."
             )
         if val_step is not None and not callable(val_step):
