@@ -1,8 +1,29 @@
 """Neural architecture search: search spaces, trainers that report results, multi-trial experiments."""
 
+from trainflow.nas.space import (
+    InputChoice,
+    LayerChoice,
+    ValueChoice,
+    fixed_arch,
+    replace_input_choice,
+    replace_layer_choice,
+    search_space,
+)
+from trainflow.nas.strategies import TPE, GridSearch, Random, RegularizedEvolution
 from trainflow.nas.trial import report_final_result, report_intermediate_result
 
 __all__ = [
+    "InputChoice",
+    "LayerChoice",
+    "ValueChoice",
+    "fixed_arch",
+    "replace_input_choice",
+    "replace_layer_choice",
+    "search_space",
     "report_intermediate_result",
     "report_final_result",
+    "Random",
+    "GridSearch",
+    "TPE",
+    "RegularizedEvolution",
 ]
