@@ -1,5 +1,6 @@
 """Neural architecture search: search spaces, trainers that report results, multi-trial experiments."""
 
+from trainflow.nas.module import FunctionalTrainer, ModuleTrainer, TrainModule
 from trainflow.nas.space import (
     InputChoice,
     LayerChoice,
@@ -20,6 +21,9 @@ __all__ = [
     "replace_input_choice",
     "replace_layer_choice",
     "search_space",
+    "FunctionalTrainer",
+    "ModuleTrainer",
+    "TrainModule",
     "report_intermediate_result",
     "report_final_result",
     "Random",
