@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -237,6 +239,26 @@ def test_layer_choice_holds_its_candidates_as_named_children() -> None:
     assert LayerChoice([relu, tanh]).names == ["0", "1"]
     with pytest.raises(KeyError, match=r"LayerChoice 'act' has no option 'gelu'; its options are \['relu', 'tanh'\]"):
         choice["gelu"]
+
+
+def test_choice_modules_copy_and_pickle_also_inside_fixed_arch() -> None:
+    choice = LayerChoice({"relu": nn.ReLU(), "linear": nn.Linear(2, 2)}, label="act")
+    pick = InputChoice(3, 2, reduction="mean", label="skip")
+    with fixed_arch({"act": "linear", "skip": [0, 1]}):  # copies are rebuilt, not resolved
+        copies = [copy.deepcopy(choice), pickle.loads(pickle.dumps(choice))]
+        picks = [copy.deepcopy(pick), pickle.loads(pickle.dumps(pick))]
+    for copied in copies:
+        assert isinstance(copied, LayerChoice) and copied.label == "act" and copied.names == ["relu", "linear"]
+        assert_same_weights(copied, choice)
+    for copied in picks:
+        assert isinstance(copied, InputChoice) and (copied.label, copied.options) == ("skip", pick.options)
+
+
+def test_a_choice_module_given_as_the_chosen_candidate_is_returned_as_it_is() -> None:
+    inner = LayerChoice([nn.ReLU(), nn.Tanh()], label="inner")  # built by hand, outside any build
+    with fixed_arch({"outer": "0"}):
+        chosen = LayerChoice([inner, nn.Identity()], label="outer")
+    assert chosen is inner and chosen.label == "inner" and chosen.names == ["0", "1"]
 
 
 def test_choices_without_an_architecture_refuse_to_run() -> None:

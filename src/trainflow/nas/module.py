@@ -317,7 +317,8 @@ class ModuleTrainer:
         ...     def configure_optimizers(self):
         ...         return torch.optim.SGD(self.parameters(), lr=0.1)
         >>> data = DataLoader(TensorDataset(torch.randn(16, 3), torch.randn(16, 1)), batch_size=4)
-        >>> trained = ModuleTrainer(Regression, train_data=data, val_data=data, epochs=2).evaluate(torch.nn.Linear(3, 1))
+        >>> trainer = ModuleTrainer(Regression, train_data=data, val_data=data, epochs=2)
+        >>> trained = trainer.evaluate(torch.nn.Linear(3, 1))
         >>> trained.trainer.trainer.updates, sorted(trained.trainer.callback_metrics)
         (8, ['val_loss'])
     """

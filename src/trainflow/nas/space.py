@@ -235,6 +235,8 @@ class LayerChoice(nn.Module):
         return module
 
     def __init__(self, candidates: Any, *, label: str | None = None) -> None:
+        if "_modules" in self.__dict__:
+            return  # __new__ returned an existing LayerChoice as the chosen candidate: already built
         super().__init__()
         named = _candidates(candidates)
         build = _current.get()
@@ -342,7 +344,9 @@ class InputChoice(nn.Module):
         tensor([2.])
     """
 
-    def __new__(cls, n_candidates: Any = None, n_chosen: Any = 1, *, reduction: str = "sum", label: str | None = None) -> Any:
+    def __new__(
+        cls, n_candidates: Any = None, n_chosen: Any = 1, *, reduction: str = "sum", label: str | None = None
+    ) -> Any:
         build = _current.get()
         if n_candidates is None or build is None or build.arch is None:
             return super().__new__(cls)
@@ -351,7 +355,9 @@ class InputChoice(nn.Module):
         build.declare(label, "input_choice", options)
         return ChosenInputs(build.chosen(label, "input_choice", options), reduction)
 
-    def __init__(self, n_candidates: int, n_chosen: int = 1, *, reduction: str = "sum", label: str | None = None) -> None:
+    def __init__(
+        self, n_candidates: int, n_chosen: int = 1, *, reduction: str = "sum", label: str | None = None
+    ) -> None:
         super().__init__()
         self.options = _input_options(n_candidates, n_chosen, reduction)
         self.n_candidates, self.n_chosen, self.reduction = n_candidates, n_chosen, reduction
@@ -369,10 +375,13 @@ class InputChoice(nn.Module):
         raise RuntimeError(f"InputChoice {self.label!r} has no chosen inputs. {_HOW_TO_CHOOSE}")
 
     def extra_repr(self) -> str:
-        return f"n_candidates={self.n_candidates}, n_chosen={self.n_chosen}, reduction={self.reduction!r}, label={self.label!r}"
+        return (
+            f"n_candidates={self.n_candidates}, n_chosen={self.n_chosen}, "
+            f"reduction={self.reduction!r}, label={self.label!r}"
+        )
 
 
-def ValueChoice(values: Sequence[Any], *, label: str | None = None) -> Any:  # noqa: N802 (reads as a choice, like the classes)
+def ValueChoice(values: Sequence[Any], *, label: str | None = None) -> Any:  # noqa: N802 (named like the other choices)
     """A hyperparameter of the architecture, used where the space is built.
 
     Under :func:`fixed_arch` it returns the chosen value itself, so it can stand wherever the
@@ -490,7 +499,9 @@ def _read_arch(arch: Any) -> dict[str, Any]:
         try:
             arch = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"fixed_arch: {str(path)!r} is not valid JSON ({error}). Received: arch={arch!r}.") from None
+            raise ValueError(
+                f"fixed_arch: {str(path)!r} is not valid JSON ({error}). Received: arch={arch!r}."
+            ) from None
     if not isinstance(arch, Mapping):
         raise TypeError(
             "fixed_arch: arch must be a dict {label: option} or the path of a JSON file of one. "
