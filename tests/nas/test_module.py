@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-import pytest
+import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -319,6 +320,29 @@ def test_trainer_options_apply_callbacks_metrics_and_checkpoints(tmp_path) -> No
     ).evaluate(nn.Linear(4, 3))
     assert seen == [["train/loss", "val/val_loss"]] * 2
     assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 2
+
+
+def test_validation_metrics_reach_callback_metrics() -> None:
+    class WithMetric(Head):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.mae.update(self.head(self.model(x)), y)
+
+    train, val = data(16, 8, seed=4, shuffle=False), data(10, 4, seed=5, shuffle=False)
+    mae = torchmetrics.MeanAbsoluteError()
+
+    def build() -> WithMetric:
+        module = WithMetric()
+        module.mae = mae
+        return module
+
+    trained = ModuleTrainer(build, train_data=train, val_data=val, epochs=1, device="cpu", metrics={"val/mae": mae})
+    trained = trained.evaluate(nn.Linear(4, 3))
+    by_hand = torchmetrics.MeanAbsoluteError()
+    with torch.no_grad():
+        for x, y in val:
+            by_hand.update(trained.head(trained.model(x)), y)
+    assert trained.trainer.callback_metrics["mae"].item() == by_hand.compute().item()
 
 
 def test_training_step_may_return_a_dict_with_the_loss() -> None:

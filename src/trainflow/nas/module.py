@@ -83,7 +83,8 @@ class FitState:
         callback_metrics: the latest logged values by name, as tensors: for a value logged in
             ``training_step``, its value at the last update; for one logged in
             ``validation_step``, its mean over the last validation pass (weighted by each
-            batch's sample count, as Lightning weights its epoch means).
+            batch's sample count, as Lightning weights its epoch means); and after validation,
+            each ``"val/<name>"`` metric given in ``metrics=`` under ``<name>``.
         trainer: trainflow's :class:`~trainflow.Trainer` that runs the module.
         max_epochs: the number of epochs of the fit.
 

@@ -91,7 +91,7 @@ class _Build:
             raise ValueError(
                 f"Choices sharing label {label!r} must offer the same options: the first is a "
                 f"{_KIND_NAMES[seen[0]]} with {seen[1]!r}, this one a {_KIND_NAMES[kind]} with {options!r}. "
-                "Received: label=" + repr(label) + ". Give different decisions different labels."
+                f"Received: label={label!r}. Give different decisions different labels."
             )
 
     def chosen(self, label: str, kind: str, options: list) -> Any:
