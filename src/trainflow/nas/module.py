@@ -26,7 +26,7 @@ from trainflow.schedules import Schedule
 from trainflow.step import Step
 from trainflow.trainer import Trainer
 
-__all__ = ["FunctionalTrainer", "ModuleTrainer", "TrainModule"]
+__all__ = ["FitState", "FunctionalTrainer", "ModuleTrainer", "TrainModule"]
 
 
 class FunctionalTrainer:
@@ -100,6 +100,7 @@ class FitState:
         self.callback_metrics: dict[str, torch.Tensor] = {}
         self.stage: str | None = None  # "train" or "validate" while a step function runs
         self.val_logged: dict[str, Any] = {}  # what the current validation_step logged
+        self.val_batch = 0  # the index of the next validation batch in this pass
 
     @property
     def current_epoch(self) -> int:
@@ -375,7 +376,6 @@ class ModuleTrainer:
         fit = FitState(None, self.epochs)
         module._fit = fit
         name = type(module).__name__
-        state: dict[str, Any] = {"val_batch": 0}
 
         def train(batch: Any) -> torch.Tensor:
             with _stage(fit, "train"):
@@ -385,13 +385,12 @@ class ModuleTrainer:
         def validate(batch: Any) -> dict[str, Any] | None:
             fit.val_logged = {}
             with _stage(fit, "validate"):
-                module.validation_step(batch, state["val_batch"])
-            state["val_batch"] += 1
+                module.validation_step(batch, fit.val_batch)
+            fit.val_batch += 1
             return dict(fit.val_logged) or None
 
-        hooks = _Hooks(module, fit, state)
         options = dict(self.trainer_options)
-        options["callbacks"] = [hooks, *options.get("callbacks", ())]
+        options["callbacks"] = [_Hooks(module, fit), *options.get("callbacks", ())]
         step = Step(train, optimizers, name="train", scheduler=schedules or None)
         fit.trainer = Trainer(module, [step], **options)
         validation = {} if self.val_data is None else {"val_data": self.val_data, "val_step": validate}
@@ -426,12 +425,12 @@ def _training_loss(out: Any, name: str) -> torch.Tensor:
 class _Hooks:
     """The Lightning hooks on trainflow's events: validation means into callback_metrics, then the hook."""
 
-    def __init__(self, module: TrainModule, fit: FitState, state: dict[str, Any]) -> None:
-        self.module, self.fit, self.state = module, fit, state
+    def __init__(self, module: TrainModule, fit: FitState) -> None:
+        self.module, self.fit = module, fit
 
     def on_validation_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
         for key, value in logs.items():
             if key.startswith("val/"):
                 self.fit.callback_metrics[key[len("val/"):]] = torch.tensor(value)
-        self.state["val_batch"] = 0
+        self.fit.val_batch = 0
         self.module.on_validation_epoch_end()

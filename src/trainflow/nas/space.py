@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "ChosenInputs",
     "InputChoice",
     "LayerChoice",
     "ValueChoice",
