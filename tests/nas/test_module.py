@@ -234,6 +234,80 @@ def test_a_list_of_optimizers_is_stepped_together() -> None:
     assert_same_weights(trained.head, hand_head)
 
 
+class Manual(Head):
+    """Two updates per batch, as a GAN's training_step does under Lightning's manual optimization."""
+
+    automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt_model, opt_head = self.optimizers()
+        x, y = batch
+        head_loss = F.mse_loss(self.head(self.model(x)), y)
+        opt_head.zero_grad()
+        self.manual_backward(head_loss)
+        opt_head.step()
+        model_loss = F.l1_loss(self.head(self.model(x)), y)
+        opt_model.zero_grad()
+        self.manual_backward(model_loss)
+        opt_model.step()
+        self.log("model_loss", model_loss)
+        return model_loss
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.model.parameters(), lr=0.1), torch.optim.Adam(self.head.parameters(), lr=0.01)]
+
+
+def test_manual_optimization_runs_as_a_custom_step_bit_identical_to_the_hand_loop() -> None:
+    train = data(24, 8, seed=3, shuffle=True)
+    torch.manual_seed(0)
+    model, module = nn.Linear(4, 3), Manual()
+    hand_model, hand_head = nn.Linear(4, 3), nn.Linear(3, 2)
+    hand_model.load_state_dict(model.state_dict()), hand_head.load_state_dict(module.head.state_dict())
+    torch.manual_seed(1)
+    trained = ModuleTrainer(module, train_data=train, epochs=2, device="cpu").evaluate(model)
+
+    sgd, adam = torch.optim.SGD(hand_model.parameters(), lr=0.1), torch.optim.Adam(hand_head.parameters(), lr=0.01)
+    torch.manual_seed(1)
+    for _ in range(2):
+        for x, y in train:
+            adam.zero_grad()
+            F.mse_loss(hand_head(hand_model(x)), y).backward()
+            adam.step()
+            sgd.zero_grad()
+            last = F.l1_loss(hand_head(hand_model(x)), y)
+            last.backward()
+            sgd.step()
+    assert_same_weights(trained.model, hand_model)
+    assert_same_weights(trained.head, hand_head)
+    assert torch.equal(trained.trainer.callback_metrics["model_loss"], last.detach())
+    assert trained.trainer.trainer.updates == 6 and torch.equal(trained.trainer.trainer.losses["train/loss"], last.detach())
+
+
+def test_manual_optimization_errors() -> None:
+    train = data(8, 4, seed=0, shuffle=False)
+
+    class BackwardInAutomatic(Head):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.manual_backward(loss)
+            return loss
+
+    class Closure(Manual):
+        def training_step(self, batch, batch_idx):
+            self.optimizers()[0].step(lambda: None)
+
+    class NeverSteps(Manual):
+        def training_step(self, batch, batch_idx):
+            return None
+
+    with pytest.raises(RuntimeError, match=r"BackwardInAutomatic\.manual_backward is for manual optimization, inside training_step: set `automatic_optimization = False`"):
+        ModuleTrainer(BackwardInAutomatic, train_data=train, epochs=1, device="cpu").evaluate(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"step\(closure\) is not supported under manual optimization\. Received: closure=<function"):
+        ModuleTrainer(Closure, train_data=train, epochs=1, device="cpu").evaluate(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"the custom update returned without stepping an optimizer"):
+        ModuleTrainer(NeverSteps, train_data=train, epochs=1, device="cpu").evaluate(nn.Linear(4, 3))
+
+
 class Scheduled(Head):
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.1)

@@ -6,8 +6,9 @@ An *evaluator* is any object with ``.evaluate(model)``; it trains the model and 
 - :class:`FunctionalTrainer` wraps a function ``fn(model, **kwargs)`` that does everything.
 - :class:`TrainModule` is a Lightning-style module (``training_step``, ``validation_step``,
   ``configure_optimizers``, hooks, ``self.log``), and :class:`ModuleTrainer` runs it on
-  trainflow's own :class:`~trainflow.Trainer`: one :class:`~trainflow.Step` per update, so
-  metrics, callbacks and checkpoints work as in any trainflow run.
+  trainflow's own :class:`~trainflow.Trainer`: one :class:`~trainflow.Step` per update (a
+  ``Step.custom`` under manual optimization), so metrics, callbacks and checkpoints work as in
+  any trainflow run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainflow.custom import UpdateContext
 from trainflow.losses import Average
 from trainflow.schedules import Schedule
 from trainflow.step import Step
@@ -101,6 +103,8 @@ class FitState:
         self.stage: str | None = None  # "train" or "validate" while a step function runs
         self.val_logged: dict[str, Any] = {}  # what the current validation_step logged
         self.val_batch = 0  # the index of the next validation batch in this pass
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.update: UpdateContext | None = None  # the current update, under manual optimization
 
     @property
     def current_epoch(self) -> int:
@@ -123,6 +127,11 @@ class TrainModule(nn.Module):
     sampled model, set by ``set_model`` after ``__init__`` (so ``self.parameters()`` includes
     it). ``self.log(name, value)`` feeds ``self.trainer.callback_metrics[name]``.
 
+    Manual optimization, as in Lightning: set ``automatic_optimization = False`` and, in
+    ``training_step``, take ``self.optimizers()`` and call ``opt.zero_grad()``,
+    ``self.manual_backward(loss)`` and ``opt.step()`` as often as needed (a GAN's two
+    updates). Schedulers from ``configure_optimizers`` are still stepped by the trainer.
+
     Example:
         >>> import torch
         >>> import torch.nn.functional as F
@@ -140,6 +149,9 @@ class TrainModule(nn.Module):
         >>> sum(p.numel() for p in module.parameters())
         4
     """
+
+    #: False: training_step steps the optimizers itself (self.optimizers(), self.manual_backward)
+    automatic_optimization: bool = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -186,6 +198,28 @@ class TrainModule(nn.Module):
                 "ModuleTrainer fits it. Run it with ModuleTrainer(module, train_data=..., epochs=...).evaluate(model)."
             )
         return self._fit
+
+    def optimizers(self) -> Any:
+        """The optimizers of ``configure_optimizers``: one, or a list when there are several.
+
+        Under manual optimization their ``step()`` goes through the trainer's update (which
+        checks that the update stepped, and clips when asked).
+        """
+        opts = self.trainer.optimizers
+        if not self.automatic_optimization:
+            opts = [_ManualOptimizer(opt, self.trainer) for opt in opts]
+        return opts[0] if len(opts) == 1 else opts
+
+    def manual_backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` under manual optimization, into the optimizers' parameters only."""
+        update = self.trainer.update
+        if update is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.manual_backward is for manual optimization, inside training_step: "
+                "set `automatic_optimization = False` in the class (or return the loss and let the trainer "
+                "differentiate it)."
+            )
+        update.backward(loss)
 
     @property
     def current_epoch(self) -> int:
@@ -374,6 +408,7 @@ class ModuleTrainer:
         module.set_model(model)
         optimizers, schedules = _optimization(module.configure_optimizers(), type(module).__name__)
         fit = FitState(None, self.epochs)
+        fit.optimizers = optimizers
         module._fit = fit
         name = type(module).__name__
 
@@ -391,7 +426,19 @@ class ModuleTrainer:
 
         options = dict(self.trainer_options)
         options["callbacks"] = [_Hooks(module, fit), *options.get("callbacks", ())]
-        step = Step(train, optimizers, name="train", scheduler=schedules or None)
+        def manual(batch: Any, update: UpdateContext) -> torch.Tensor | None:
+            fit.update = update
+            try:
+                with _stage(fit, "train"):
+                    out = module.training_step(batch, fit.trainer.epoch_progress[0] - 1)
+            finally:
+                fit.update = None
+            return out.get("loss") if isinstance(out, dict) else out  # logged, not differentiated
+
+        if module.automatic_optimization:
+            step = Step(train, optimizers, name="train", scheduler=schedules or None)
+        else:
+            step = Step.custom(manual, optimizers, name="train", scheduler=schedules or None)
         fit.trainer = Trainer(module, [step], **options)
         validation = {} if self.val_data is None else {"val_data": self.val_data, "val_step": validate}
         fit.trainer.fit(self.train_data, epochs=self.epochs, **validation)
@@ -434,3 +481,30 @@ class _Hooks:
                 self.fit.callback_metrics[key[len("val/"):]] = torch.tensor(value)
         self.fit.val_batch = 0
         self.module.on_validation_epoch_end()
+
+
+class _ManualOptimizer:
+    """An optimizer as ``self.optimizers()`` returns it under manual optimization.
+
+    ``step`` goes through the trainer's update context; everything else (``zero_grad``,
+    ``param_groups``, ``state``, ...) is the optimizer's own.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, fit: FitState) -> None:
+        self.optimizer, self._fit = optimizer, fit
+
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            raise ValueError(
+                "TrainModule.optimizers(): step(closure) is not supported under manual optimization. "
+                f"Received: closure={closure!r}. Compute the loss, self.manual_backward(loss), then opt.step()."
+            )
+        if self._fit.update is None:
+            raise RuntimeError("opt.step() under manual optimization must be called inside training_step.")
+        self._fit.update.step(self.optimizer)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
+
+    def __repr__(self) -> str:
+        return f"manual({self.optimizer!r})"
