@@ -10,6 +10,7 @@ from trainflow.nas.space import (
     replace_layer_choice,
     search_space,
 )
+from trainflow.nas.experiment import Experiment, TrialRecord
 from trainflow.nas.strategies import TPE, GridSearch, Random, RegularizedEvolution
 from trainflow.nas.trial import report_final_result, report_intermediate_result
 
@@ -30,4 +31,6 @@ __all__ = [
     "GridSearch",
     "TPE",
     "RegularizedEvolution",
+    "Experiment",
+    "TrialRecord",
 ]
