@@ -1,6 +1,7 @@
 """The ``trainflow`` command: run a built-in example and say where its artifacts are.
 
 ``trainflow run mlp`` trains seed 004's MLP on the 8x8 digits and writes ``runs/mlp/``;
+``trainflow run nas-digits`` searches architectures for them (seed 002);
 ``trainflow run --list`` lists the examples. Each example saves a checkpoint after every epoch
 in ``<out>/checkpoints``; ``trainflow run mlp --resume`` continues from the newest one. On
 SIGTERM or Ctrl-C the run stops at the next update boundary with a checkpoint, the command
@@ -20,8 +21,8 @@ from trainflow import checkpoint
 
 __all__ = ["main"]
 
-#: what the examples write, in the order they are listed after a run
-ARTIFACTS = ("metrics.csv", "curves.png", "weights.pt", "samples.png")
+#: what the examples write, in the order they are listed after a run (the last three: nas-digits)
+ARTIFACTS = ("metrics.csv", "curves.png", "weights.pt", "samples.png", "trials.csv", "best_arch.json", "history.png")
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ARTIFACTS:
         if (out_dir / name).is_file():
             print(f"  {out_dir / name}")
-    print("Final epoch:")
+    print("Final values:")
     for key, value in logs.items():
         print(f"  {key:<12} {value:.4f}")
     return 0
