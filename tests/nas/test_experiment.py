@@ -484,3 +484,12 @@ def test_an_interrupted_trial_is_retried_when_the_experiment_runs_again(tmp_path
     assert [(r.architecture, r.value) for r in exp.trials() if r.state == "complete"] == [
         (r.architecture, r.value) for r in whole.trials()
     ]
+
+
+def test_evolution_minimising_takes_the_lowest_value_as_parent():
+    exp = experiment(RegularizedEvolution(population_size=2, sample_size=2, mutation_prob=0.0), objectives="minimize",
+                     max_trials=3, seed=4)
+    exp.run()
+    records = exp.trials()
+    assert records[0].architecture != records[1].architecture  # else the test proves nothing (seed 4)
+    assert records[2].architecture == min(records[:2], key=lambda r: r.value).architecture

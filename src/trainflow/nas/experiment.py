@@ -133,6 +133,23 @@ def _alive(pid: Any) -> bool:
     return True
 
 
+def _database_url(url: str) -> str:
+    """``postgresql://`` means psycopg2 when only psycopg2 is installed (the ``postgresql`` extra).
+
+    SQLAlchemy 2.1 made psycopg 3 the default driver of a bare ``postgresql://`` URL; an explicit
+    driver (``postgresql+psycopg://``) is left as it is.
+
+    Example:
+        >>> _database_url("sqlite:///nas.db")
+        'sqlite:///nas.db'
+    """
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
 @contextlib.contextmanager
 def _quiet_optuna() -> Iterator[None]:
     """optuna's per-trial INFO lines off while the experiment runs (its own progress display speaks)."""
@@ -376,9 +393,16 @@ class Experiment:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 callback = {_RETRY_KWARG: _Retry(max_retry=None)}
-                return optuna.storages.RDBStorage(
-                    self.storage, heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S, **callback
-                )
+                for attempt in range(10):
+                    try:
+                        return optuna.storages.RDBStorage(
+                            _database_url(self.storage), heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S,
+                            **callback,
+                        )
+                    except Exception as e:  # workers starting together race to create the tables
+                        if attempt == 9 or "already exists" not in str(e):
+                            raise
+                        time.sleep(0.2 + 0.1 * attempt)
         path = Path(self.storage)
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
@@ -545,7 +569,10 @@ class Experiment:
             return None
         if deadline is not None and time.monotonic() >= deadline:
             return None
-        return study.ask()
+        with warnings.catch_warnings():
+            # optuna's heartbeat runs around each trial here too (see _run_trial), not only in optimize
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+            return study.ask()
 
     def _run_trial(self, study: optuna.Study, trial: optuna.Trial, index: int) -> None:
         trial.set_user_attr(_HOST, socket.gethostname())
