@@ -407,40 +407,17 @@ class ModuleTrainer:
         module = self._fresh()
         module.set_model(model)
         optimizers, schedules = _optimization(module.configure_optimizers(), type(module).__name__)
-        fit = FitState(None, self.epochs)
+        fit = module._fit = FitState(None, self.epochs)
         fit.optimizers = optimizers
-        module._fit = fit
-        name = type(module).__name__
-
-        def train(batch: Any) -> torch.Tensor:
-            with _stage(fit, "train"):
-                out = module.training_step(batch, fit.trainer.epoch_progress[0] - 1)
-            return _training_loss(out, name)
-
-        def validate(batch: Any) -> dict[str, Any] | None:
-            fit.val_logged = {}
-            with _stage(fit, "validate"):
-                module.validation_step(batch, fit.val_batch)
-            fit.val_batch += 1
-            return dict(fit.val_logged) or None
-
-        options = dict(self.trainer_options)
-        options["callbacks"] = [_Hooks(module, fit), *options.get("callbacks", ())]
-        def manual(batch: Any, update: UpdateContext) -> torch.Tensor | None:
-            fit.update = update
-            try:
-                with _stage(fit, "train"):
-                    out = module.training_step(batch, fit.trainer.epoch_progress[0] - 1)
-            finally:
-                fit.update = None
-            return out.get("loss") if isinstance(out, dict) else out  # logged, not differentiated
-
+        run = _Run(module, fit)
         if module.automatic_optimization:
-            step = Step(train, optimizers, name="train", scheduler=schedules or None)
+            step = Step(run.train, optimizers, name="train", scheduler=schedules or None)
         else:
-            step = Step.custom(manual, optimizers, name="train", scheduler=schedules or None)
+            step = Step.custom(run.manual, optimizers, name="train", scheduler=schedules or None)
+        options = dict(self.trainer_options)
+        options["callbacks"] = [run, *options.get("callbacks", ())]
         fit.trainer = Trainer(module, [step], **options)
-        validation = {} if self.val_data is None else {"val_data": self.val_data, "val_step": validate}
+        validation = {} if self.val_data is None else {"val_data": self.val_data, "val_step": run.validate}
         fit.trainer.fit(self.train_data, epochs=self.epochs, **validation)
         module.teardown("fit")
         return module
@@ -450,30 +427,42 @@ class ModuleTrainer:
         return f"ModuleTrainer({getattr(module, '__name__', module)}, epochs={self.epochs})"
 
 
-@contextmanager
-def _stage(fit: FitState, stage: str) -> Iterator[None]:
-    fit.stage = stage
-    try:
-        yield
-    finally:
-        fit.stage = None
-
-
-def _training_loss(out: Any, name: str) -> torch.Tensor:
-    loss = out.get("loss") if isinstance(out, dict) else out
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise TypeError(
-            f"{name}.training_step must return the loss: a scalar tensor, or a dict with a 'loss' tensor. "
-            f"Received: {out!r}. End it with `return loss`."
-        )
-    return loss.reshape(())
-
-
-class _Hooks:
-    """The Lightning hooks on trainflow's events: validation means into callback_metrics, then the hook."""
+class _Run:
+    """One fit of a module: its step functions, and its Lightning hook on trainflow's events."""
 
     def __init__(self, module: TrainModule, fit: FitState) -> None:
         self.module, self.fit = module, fit
+        self.name = type(module).__name__
+
+    def train(self, batch: Any) -> torch.Tensor:
+        """The automatic step's loss: ``training_step``'s (the trainer differentiates and steps)."""
+        with _stage(self.fit, "train"):
+            out = self.module.training_step(batch, self.fit.trainer.epoch_progress[0] - 1)
+        loss = out.get("loss") if isinstance(out, dict) else out
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(
+                f"{self.name}.training_step must return the loss: a scalar tensor, or a dict with a 'loss' tensor. "
+                f"Received: {out!r}. End it with `return loss`."
+            )
+        return loss.reshape(())
+
+    def manual(self, batch: Any, update: UpdateContext) -> torch.Tensor | None:
+        """The custom step under manual optimization: ``training_step`` steps through ``update``."""
+        self.fit.update = update
+        try:
+            with _stage(self.fit, "train"):
+                out = self.module.training_step(batch, self.fit.trainer.epoch_progress[0] - 1)
+        finally:
+            self.fit.update = None
+        return out.get("loss") if isinstance(out, dict) else out  # logged, not differentiated
+
+    def validate(self, batch: Any) -> dict[str, Any] | None:
+        """The values ``validation_step`` logged, for the trainer to average over the pass."""
+        self.fit.val_logged = {}
+        with _stage(self.fit, "validate"):
+            self.module.validation_step(batch, self.fit.val_batch)
+        self.fit.val_batch += 1
+        return dict(self.fit.val_logged) or None
 
     def on_validation_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
         for key, value in logs.items():
@@ -481,6 +470,15 @@ class _Hooks:
                 self.fit.callback_metrics[key[len("val/"):]] = torch.tensor(value)
         self.fit.val_batch = 0
         self.module.on_validation_epoch_end()
+
+
+@contextmanager
+def _stage(fit: FitState, stage: str) -> Iterator[None]:
+    fit.stage = stage
+    try:
+        yield
+    finally:
+        fit.stage = None
 
 
 class _ManualOptimizer:
