@@ -433,6 +433,15 @@ def test_two_local_workers_share_one_journal_without_losing_or_repeating_a_trial
     assert [(r.architecture, r.value) for r in one.trials()][:1] == [(records[0].architecture, records[0].value)]
 
 
+@pytest.mark.slow
+def test_a_workers_setup_error_is_raised_by_run(tmp_path):
+    exp = Experiment(space, FunctionalTrainer(one_metric_fit), Random(), objectives={"accuracy": "maximize", "params": "minimize"},
+                     max_trials=4, concurrency=2, out_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"objective 'params' of objectives=.* was never reported"):
+        exp.run()
+    assert [r.state for r in exp.trials()] == ["failed", "failed"]  # each worker stops at its first trial
+
+
 def worker(storage, name, max_trials, *extra):
     return subprocess.Popen(
         [sys.executable, str(SCRIPTS / "nas_worker.py"), str(storage), name, str(max_trials), *extra],

@@ -154,7 +154,7 @@ def _database_url(url: str) -> str:
 def _quiet_optuna() -> Iterator[None]:
     """optuna's per-trial INFO lines off while the experiment runs (its own progress display speaks)."""
     verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(min(max(verbosity, optuna.logging.WARNING), optuna.logging.WARNING))
+    optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))
     try:
         yield
     finally:
