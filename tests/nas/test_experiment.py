@@ -507,3 +507,25 @@ def test_evolution_minimising_takes_the_lowest_value_as_parent():
     records = exp.trials()
     assert records[0].architecture != records[1].architecture  # else the test proves nothing (seed 4)
     assert records[2].architecture == min(records[:2], key=lambda r: r.value).architecture
+
+
+def test_a_trial_lost_on_another_machine_is_retried_after_its_heartbeat_stops(tmp_path, monkeypatch):
+    # a database storage: optuna's heartbeat finds a running trial whose worker stopped beating
+    import trainflow.nas.experiment as experiment_module
+
+    monkeypatch.setattr(experiment_module, "_HEARTBEAT_S", 1)
+    monkeypatch.setattr(experiment_module, "_GRACE_S", 1)
+    url = f"sqlite:///{tmp_path / 'nas.db'}"
+    exp = experiment(Random(), max_trials=2, storage=url, name="lost")
+    with pytest.warns(UserWarning, match="Heartbeat of storage is supposed to be used with Study.optimize"):
+        lost = exp.study.ask()  # as another machine would, which then goes down
+    lost.set_user_attr("trainflow.host", "another-machine")
+    exp.study._storage.record_heartbeat(lost._trial_id)
+    time.sleep(2.5)
+    exp.run()
+    records = exp.trials()
+    assert [r.state for r in records] == ["failed", "complete", "complete"]
+    assert exp.study.trials[1].system_attrs["failed_trial"] == 0
+    whole = experiment(Random(), max_trials=2)
+    whole.run()
+    assert [(r.architecture, r.value) for r in records[1:]] == [(r.architecture, r.value) for r in whole.trials()]
