@@ -440,7 +440,18 @@ class Experiment:
 
     @property
     def study(self) -> optuna.Study:
-        """The optuna study holding the trials (for optuna's visualisation, or ``optuna-dashboard``)."""
+        """The optuna study holding the trials (for optuna's visualisation, or ``optuna-dashboard``).
+
+        Example:
+            >>> from torch import nn
+            >>> from trainflow.nas import Experiment, Random, ValueChoice, report_final_result
+            >>> from trainflow.nas.module import FunctionalTrainer
+            >>> exp = Experiment(lambda: nn.Linear(2, ValueChoice([1, 2], label="w")),
+            ...                  FunctionalTrainer(lambda m: report_final_result(1.0)), Random(), max_trials=2)
+            >>> exp.run()
+            >>> [t.params for t in exp.study.trials] == [{"w": r.architecture["w"]} for r in exp.trials()]
+            True
+        """
         if self._study is None:
             self._study = self._open_study()
         return self._study

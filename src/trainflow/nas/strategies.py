@@ -38,12 +38,26 @@ TRIAL_STREAM = 1
 
 
 def derive_seed(seed: int, index: int, stream: int) -> int:
-    """A 32-bit seed for one purpose (``stream``) of trial ``index`` of an experiment seeded ``seed``."""
+    """A 32-bit seed for one purpose (``stream``) of trial ``index`` of an experiment seeded ``seed``.
+
+    Example:
+        >>> derive_seed(0, 3, TRIAL_STREAM) == derive_seed(0, 3, TRIAL_STREAM) != derive_seed(0, 4, TRIAL_STREAM)
+        True
+    """
     return int(np.random.SeedSequence([seed, index, stream]).generate_state(1)[0])
 
 
 def trial_index(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> int:
-    """``trial``'s position in the sequence: a retry repeats its original's index (see module doc)."""
+    """``trial``'s position in the sequence: a retry repeats its original's index (see module doc).
+
+    Example:
+        >>> from optuna.trial import TrialState, create_trial
+        >>> trials = [create_trial(state=TrialState.FAIL), create_trial(state=TrialState.COMPLETE, value=1.0,
+        ...           system_attrs={RETRY_OF: 0}), create_trial(state=TrialState.COMPLETE, value=1.0)]
+        >>> for number, t in enumerate(trials): t.number = number
+        >>> [trial_index(trials, t) for t in trials]
+        [0, 0, 1]
+    """
     number = trial.system_attrs.get(RETRY_OF, trial.number)
     return number - sum(1 for t in trials if t.number < number and RETRY_OF in t.system_attrs)
 
@@ -181,11 +195,23 @@ class GridSearch(_Strategy):
         self.shuffle = shuffle
 
     def size(self) -> int:
-        """The number of architectures in the bound space."""
+        """The number of architectures in the bound space.
+
+        Example:
+            >>> from optuna.distributions import CategoricalDistribution as C
+            >>> GridSearch()._bind(0, {"op": C(["a", "b"]), "w": C([1, 2, 3])}, 1).size()
+            6
+        """
         return math.prod(len(d.choices) for d in self._space.values())
 
     def point(self, index: int) -> dict[str, Any]:
-        """The grid point of trial ``index`` (its optuna parameters)."""
+        """The grid point of trial ``index`` (its optuna parameters).
+
+        Example:
+            >>> from optuna.distributions import CategoricalDistribution as C
+            >>> GridSearch(shuffle=False)._bind(0, {"op": C(["a", "b"]), "w": C([1, 2, 3])}, 1).point(4)
+            {'op': 'b', 'w': 2}
+        """
         if not self._space:
             raise RuntimeError("GridSearch needs an Experiment's search space: pass it to Experiment(...).")
         size = self.size()
