@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from trainflow.nas import (
+    FunctionalTrainer,
     TPE,
     Experiment,
     GridSearch,
@@ -32,7 +33,6 @@ from trainflow.nas import (
     report_intermediate_result,
     search_space,
 )
-from trainflow.nas.module import FunctionalTrainer
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainflow.nas import (
+    FunctionalTrainer,
     TPE,
     Experiment,
     GridSearch,
@@ -34,7 +35,6 @@ from trainflow.nas import (
     report_final_result,
     report_intermediate_result,
 )
-from trainflow.nas.module import FunctionalTrainer
 from trainflow.nas.strategies import TRIAL_STREAM, derive_seed
 from trainflow.nas.trial import _reporting
 

@@ -215,7 +215,7 @@ class Experiment:
         >>> from torch import nn
         >>> from trainflow.nas import Experiment, GridSearch, LayerChoice
         >>> from trainflow.nas import report_final_result
-        >>> from trainflow.nas.module import FunctionalTrainer
+        >>> from trainflow.nas import FunctionalTrainer
         >>> def space():
         ...     return nn.Sequential(nn.Linear(2, 2), LayerChoice({"relu": nn.ReLU(), "tanh": nn.Tanh()}, label="act"))
         >>> def fit(model):
@@ -445,7 +445,7 @@ class Experiment:
         Example:
             >>> from torch import nn
             >>> from trainflow.nas import Experiment, Random, ValueChoice, report_final_result
-            >>> from trainflow.nas.module import FunctionalTrainer
+            >>> from trainflow.nas import FunctionalTrainer
             >>> exp = Experiment(lambda: nn.Linear(2, ValueChoice([1, 2], label="w")),
             ...                  FunctionalTrainer(lambda m: report_final_result(1.0)), Random(), max_trials=2)
             >>> exp.run()
@@ -718,7 +718,7 @@ class Experiment:
         Example:
             >>> from torch import nn
             >>> from trainflow.nas import Experiment, GridSearch, ValueChoice, report_final_result
-            >>> from trainflow.nas.module import FunctionalTrainer
+            >>> from trainflow.nas import FunctionalTrainer
             >>> exp = Experiment(lambda: nn.Linear(2, ValueChoice([1, 2, 3], label="width")),
             ...                  FunctionalTrainer(lambda m: report_final_result(m.out_features)), GridSearch())
             >>> exp.run()
