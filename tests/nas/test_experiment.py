@@ -25,6 +25,7 @@ from trainflow.nas import (
     Experiment,
     GridSearch,
     LayerChoice,
+    ModuleTrainer,
     Random,
     RegularizedEvolution,
     ValueChoice,
@@ -32,6 +33,7 @@ from trainflow.nas import (
     report_final_result,
     report_intermediate_result,
     search_space,
+    TrainModule,
 )
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -529,3 +531,40 @@ def test_a_trial_lost_on_another_machine_is_retried_after_its_heartbeat_stops(tm
     whole = experiment(Random(), max_trials=2)
     whole.run()
     assert [(r.architecture, r.value) for r in records[1:]] == [(r.architecture, r.value) for r in whole.trials()]
+
+
+class Regression(TrainModule):
+    """Seed 002's shape: trains in training_step, reports per epoch and at teardown."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.model(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.model(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def on_validation_epoch_end(self):
+        report_intermediate_result(-self.trainer.callback_metrics["val_loss"].item())
+
+    def teardown(self, stage):
+        report_final_result(-self.trainer.callback_metrics["val_loss"].item())
+
+
+def module_trainer():
+    data = torch.utils.data.TensorDataset(nas_worker.X, nas_worker.Y)
+    return ModuleTrainer(Regression, train_data=torch.utils.data.DataLoader(data, batch_size=16, shuffle=True),
+                         val_data=torch.utils.data.DataLoader(data, batch_size=16), epochs=2)
+
+
+def test_a_module_trainer_trial_replays_by_hand_to_the_bit():
+    exp = Experiment(space, module_trainer(), Random(), max_trials=3, seed=2)
+    exp.run()
+    records = exp.trials()
+    assert [r.state for r in records] == ["complete"] * 3 and len({r.value for r in records}) == 3
+    for r in records:
+        intermediate, final = replay(r.architecture, r.number, seed=2, fn=module_trainer().evaluate)
+        assert (r.intermediate, r.value) == (intermediate, final) and len(intermediate) == 2
