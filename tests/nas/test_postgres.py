@@ -74,10 +74,14 @@ def postgres_url():
 
 
 @pytest.mark.slow
-def test_two_processes_run_one_experiment_against_postgresql(postgres_url):
-    script = [sys.executable, str(SCRIPTS / "nas_worker.py"), postgres_url, "pg", "6"]
+def test_two_processes_run_one_experiment_against_postgresql(postgres_url, tmp_path):
+    go = tmp_path / "go"
+    script = [sys.executable, str(SCRIPTS / "nas_worker.py"), postgres_url, "pg", "6", "--go-file", str(go)]
     workers = [subprocess.Popen(script, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     try:
+        for w in workers:  # both have imported torch and built their experiment: start them together
+            assert w.stdout.readline() == "ready\n"
+        go.touch()
         outputs = [w.communicate(timeout=TIMEOUT)[0] for w in workers]
     finally:
         for w in workers:

@@ -1,6 +1,6 @@
 """A tiny NAS search space and training function for the NAS tests, also run as a worker process.
 
-    python tests/scripts/nas_worker.py STORAGE NAME MAX_TRIALS [--strategy S] [--hang-on-call N --hang-file F]
+    python tests/scripts/nas_worker.py STORAGE NAME MAX_TRIALS [--strategy S] [--hang-on-call N --hang-file F] [--go-file G]
 
 Runs ``Experiment(space, FunctionalTrainer(fit), ...)`` against STORAGE (a journal file or a
 database URL) and prints ``done`` at the end. With ``--hang-on-call N``, the N-th trial this
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="random", choices=sorted(STRATEGIES))
     parser.add_argument("--hang-on-call", type=int, default=0)
     parser.add_argument("--hang-file", type=Path)
+    parser.add_argument("--go-file", type=Path, help="print 'ready', then wait for this file before running")
     args = parser.parse_args()
     calls = 0
 
@@ -134,6 +135,10 @@ def main() -> None:
 
     exp = Experiment(space, FunctionalTrainer(hanging_fit), STRATEGIES[args.strategy](), max_trials=args.max_trials,
                      storage=args.storage, name=args.name)
+    if args.go_file is not None:  # workers started together: none finishes before another begins
+        print("ready", flush=True)
+        while not args.go_file.exists():
+            time.sleep(0.02)
     exp.run()
     print("done", flush=True)
 
