@@ -319,13 +319,14 @@ def test_export_top_models_in_each_format(tmp_path):
     assert exp.best() == ranked[0]
 
 
-def test_multi_objective_exports_the_pareto_front():
+def test_multi_objective_exports_the_pareto_front(tmp_path):
     def two(model):
         fit(model)
         # the second objective: parameters, to minimise
         report_final_result({"score": nas_worker_score(model), "params": sum(p.numel() for p in model.parameters())})
 
-    exp = Experiment(space, FunctionalTrainer(two), GridSearch(), objectives={"score": "maximize", "params": "minimize"})
+    exp = Experiment(space, FunctionalTrainer(two), GridSearch(), objectives={"score": "maximize", "params": "minimize"},
+                     out_dir=tmp_path)
     exp.run()
     records = exp.trials()
     assert all(set(r.value) == {"score", "params"} for r in records)
@@ -340,6 +341,14 @@ def test_multi_objective_exports_the_pareto_front():
     assert exp.export_top_models(top_k=None) == front
     assert exp.export_top_models(top_k=1) == front[:1]
     assert 1 <= len(front) < 8
+    assert json.loads((tmp_path / "pareto_archs.json").read_text()) == front
+    assert not (tmp_path / "best_arch.json").exists()
+    with open(tmp_path / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(float(x["score"]), int(float(x["params"]))) for x in rows] == [(r.value["score"], r.value["params"]) for r in records]
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "history.png").shape[:2] == (640, 600)  # one panel per objective
     with pytest.raises(ValueError, match=r"has several objectives, so no single best\. Use export_top_models\(top_k=None\)"):
         exp.best()
 
