@@ -85,7 +85,12 @@ def test_grid_search_finds_the_known_best(tmp_path, capsys):
 
 def test_cli_twice_then_resume(tmp_path, capsys):
     argv = ["run", "nas-digits", "--out", str(tmp_path), "--epochs", "1", "--no-progress"]
-    assert main(argv) == 0
+    torch.set_num_threads(2)
+    try:
+        assert main(argv) == 0
+        assert torch.get_num_threads() == 2  # the search runs on one thread, then restores the caller's setting
+    finally:
+        torch.set_num_threads(1)
     first = capsys.readouterr().out
     for name in ("trials.csv", "best_arch.json", "history.png"):
         assert str(tmp_path / name) in first

@@ -48,7 +48,7 @@ __all__ = ["DESCRIPTION", "EPOCHS", "KNOWN_BEST", "NOISE", "WIDTHS", "Noisy", "Z
 
 DESCRIPTION = "architecture search on 8x8 digits: input x block x width, grid over 12 (seed 002)"
 # Measured (benchmarks/nas.py, seeds 0-2): 10 epochs give 0.930-0.953 for the two best architectures and
-# 0.37-0.86 for width 4; a trial takes about 0.8 s on a busy 2-core machine, the 12-trial grid 9-14 s.
+# 0.37-0.86 for width 4; on a busy 2-core machine a trial takes 0.4-1 s, the 12-trial grid 5-14 s.
 EPOCHS = 10
 NOISE = 1.0
 WIDTHS = [4, 32]
@@ -185,7 +185,14 @@ def run(
     experiment = Experiment(
         space, FunctionalTrainer(evaluate, epochs=epochs), GridSearch(), storage=storage, seed=seed, out_dir=out_dir
     )
-    experiment.run(progress=progress)
+    threads = torch.get_num_threads()
+    # A trial's matrices are tiny (64 x 32): a second intra-op thread only adds synchronisation.
+    # Measured on 2 cores: the grid takes 5 s with one thread, 34 s with two on a busy machine.
+    torch.set_num_threads(1)
+    try:
+        experiment.run(progress=progress)
+    finally:
+        torch.set_num_threads(threads)
     best = experiment.best()
     done = sum(1 for t in experiment.trials() if t.state == "complete")
     print(f"{done} architectures trained; the best, with validation accuracy {best.value:.4f}:")
