@@ -21,7 +21,6 @@ from torch import nn
 
 from trainflow.nas import (
     FunctionalTrainer,
-    TPE,
     Experiment,
     GridSearch,
     LayerChoice,

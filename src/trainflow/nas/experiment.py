@@ -13,10 +13,8 @@ Per trial, a worker: asks the strategy for an architecture, seeds Python, NumPy 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
-import math
 import multiprocessing
 import os
 import random

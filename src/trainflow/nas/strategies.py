@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import zlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -166,7 +166,9 @@ class TPE(_FreshOptunaSampler):
         self.options = options
 
     def _make(self, seed: int) -> BaseSampler:
-        return optuna.samplers.TPESampler(seed=seed, **self.options)
+        with warnings.catch_warnings():  # optuna's ExperimentalWarning for an option was shown at construction
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, **self.options)
 
     def __repr__(self) -> str:
         return f"TPE({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
