@@ -170,8 +170,7 @@ class _Reporter:
 
     def intermediate(self, value: Any) -> None:
         step = len(self.intermediate_values)
-        self.intermediate_values.append(value)
-        self.trial.set_user_attr(_INTERMEDIATE, list(self.intermediate_values))
+        self.intermediate_values.append(value)  # stored with the trial once it ends (one write, not one per report)
         if len(self.experiment.directions) == 1:
             self.trial.report(self.experiment._values(value, "report_intermediate_result")[0], step)
             if self.trial.should_prune():
@@ -586,7 +585,6 @@ class Experiment:
     def _run_trial(self, study: optuna.Study, trial: optuna.Trial, index: int) -> None:
         trial.set_user_attr(_HOST, socket.gethostname())
         trial.set_user_attr(_PID, os.getpid())
-        trial.set_user_attr(_INTERMEDIATE, [])
         arch = {}
         for label, choices in self._choices.items():
             value = trial.suggest_categorical(label, choices)
@@ -596,9 +594,12 @@ class Experiment:
         heartbeat = optuna.storages._heartbeat.get_heartbeat_thread(trial._trial_id, study._storage)
         try:
             with heartbeat, _reporting(reporter):
-                with fixed_arch(arch):
-                    model = self.space()
-                self.trainer.evaluate(model)
+                try:
+                    with fixed_arch(arch):
+                        model = self.space()
+                    self.trainer.evaluate(model)
+                finally:
+                    trial.set_user_attr(_INTERMEDIATE, reporter.intermediate_values)
             if reporter.final_value is None:
                 raise _ReportError(
                     f"Experiment: trial {trial.number} ended without report_final_result(...). The trainer "
