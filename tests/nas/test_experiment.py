@@ -452,6 +452,19 @@ def test_a_workers_setup_error_is_raised_by_run(tmp_path):
     assert [r.state for r in exp.trials()] == ["failed", "failed"]  # each worker stops at its first trial
 
 
+@pytest.mark.slow
+def test_two_workers_share_one_grid_each_architecture_once(tmp_path):
+    exp = experiment(GridSearch(), concurrency=2, out_dir=tmp_path)
+    exp.run()
+    records = exp.trials()
+    assert [r.number for r in records] == list(range(8))
+    assert sorted(map(json.dumps, archs(records))) == sorted(map(json.dumps, ALL_ARCHS))
+    alone = experiment(GridSearch())
+    alone.run()
+    assert [(r.architecture, r.value) for r in records] == [(r.architecture, r.value) for r in alone.trials()]
+    assert len({t.user_attrs["trainflow.pid"] for t in exp.study.trials}) == 2
+
+
 def worker(storage, name, max_trials, *extra):
     return subprocess.Popen(
         [sys.executable, str(SCRIPTS / "nas_worker.py"), str(storage), name, str(max_trials), *extra],
