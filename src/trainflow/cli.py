@@ -5,7 +5,9 @@
 ``trainflow run --list`` lists the examples. Each example saves a checkpoint after every epoch
 in ``<out>/checkpoints``; ``trainflow run mlp --resume`` continues from the newest one. On
 SIGTERM or Ctrl-C the run stops at the next update boundary with a checkpoint, the command
-says how to resume it, and exits with code 0.
+says how to resume it, and exits with code 0. ``nas-digits`` keeps its trials in its
+experiment's storage instead: after Ctrl-C, ``--resume`` runs the rest (the trial that was cut
+short again).
 """
 
 from __future__ import annotations
@@ -99,7 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, run = EXAMPLES[args.example]
     before = _newest_entry(out_dir / "checkpoints")
     start = time.perf_counter()
-    logs = run(out_dir, epochs=args.epochs, progress=not args.no_progress, seed=args.seed, resume=args.resume)
+    try:
+        logs = run(out_dir, epochs=args.epochs, progress=not args.no_progress, seed=args.seed, resume=args.resume)
+    except KeyboardInterrupt:  # nas-digits: its experiment keeps the finished trials, and retries the one cut short
+        print(
+            f"\n{args.example!r} was interrupted after {time.perf_counter() - start:.1f} s.\n"
+            f"Continue with: {resume_command}"
+        )
+        return 0
     stopped = _newest_entry(out_dir / "checkpoints")
     if stopped is not None and stopped != before and stopped.get("reason") == "signal":  # saved by this run
         print(

@@ -110,6 +110,30 @@ def _same_but_seconds(a, b):
     return drop(a) == drop(b)
 
 
+def test_ctrl_c_then_resume(tmp_path, capsys, monkeypatch):
+    argv = ["run", "nas-digits", "--out", str(tmp_path), "--epochs", "1", "--no-progress"]
+    train = nas_digits.evaluate
+    calls = []
+
+    def interrupted_in_the_fourth_trial(model, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # what Ctrl-C raises
+        return train(model, **kwargs)
+
+    monkeypatch.setattr(nas_digits, "evaluate", interrupted_in_the_fourth_trial)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"Continue with: trainflow run nas-digits --out {tmp_path} --resume" in out
+    # the cut trial is failed, and queued to run again
+    assert [row["state"] for row in read_trials(tmp_path / "trials.csv")] == ["complete"] * 3 + ["failed", "waiting"]
+    monkeypatch.setattr(nas_digits, "evaluate", train)
+    assert main([*argv, "--resume"]) == 0
+    assert "12 architectures trained" in capsys.readouterr().out
+    rows = [row for row in read_trials(tmp_path / "trials.csv") if row["state"] == "complete"]
+    assert len(rows) == 12 and len({json.dumps(arch_of(row)) for row in rows}) == 12  # the cut trial ran again
+
+
 @pytest.mark.parametrize("epochs", [0, 1.5])
 def test_bad_epochs(tmp_path, epochs):
     with pytest.raises(ValueError, match=rf"`epochs` must be an int >= 1.*Received: epochs={epochs!r}"):
