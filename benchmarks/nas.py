@@ -19,12 +19,15 @@ accuracy reported after each epoch and at the end).
    depends on its seed (experiment seed, trial number), so ``best()`` can pick the other known
    best even when both were sampled.
 3. Throughput: trials per minute of a full ``GridSearch`` (12 trials) with concurrency 1 and 2
-   (worker processes sharing a journal file), interleaved round by round (1, 2, 2, 1, 1, 2, ...)
-   because the machine is shared; wall time of ``run()``, worker start-up included.
+   (worker processes sharing a journal file), and, as the baseline, the same 12 trainings in a
+   plain loop without an experiment; interleaved round by round in a rotating order, because
+   the machine is shared, after one untimed training; wall time of ``run()``, worker start-up
+   included.
 
 Run:
     OMP_NUM_THREADS=1 python benchmarks/nas.py              # as in docs/performance.md
     OMP_NUM_THREADS=1 python benchmarks/nas.py --quick      # smoke run
+    OMP_NUM_THREADS=1 python benchmarks/nas.py --throughput-only --rounds 9
 """
 
 from __future__ import annotations
@@ -98,12 +101,33 @@ def spread(found: list[int]) -> str:
     return f"{statistics.median(found):g} ({min(found)}-{max(found)})"
 
 
-def throughput(epochs: int, rounds: int) -> dict[int, list[float]]:
-    """Trials per minute of a full grid with concurrency 1 and 2, interleaved."""
-    order = [(1, 2), (2, 1)]
-    rates: dict[int, list[float]] = {1: [], 2: []}
+def plain_loop(epochs: int, seed: int) -> int:
+    """The 12 architectures trained one after the other without an experiment: the baseline."""
+    space = search_space(nas_digits.space)
+    for i, options in enumerate(itertools.product(*space.values())):
+        torch.manual_seed(seed * 100 + i)
+        with fixed_arch(dict(zip(space, options))):
+            model = nas_digits.space()
+        nas_digits.evaluate(model, epochs=epochs)
+    return i + 1
+
+
+def throughput(epochs: int, rounds: int) -> dict[str, list[float]]:
+    """Trials per minute of a full grid with concurrency 1 and 2, and of a plain loop, interleaved."""
+    order = [("loop", 1, 2), (2, 1, "loop"), (1, "loop", 2)]
+    rates: dict = {"loop": [], 1: [], 2: []}
+    with fixed_arch(nas_digits.KNOWN_BEST[0]):
+        nas_digits.evaluate(nas_digits.space(), epochs=1)  # untimed: the first training loads the data, the metrics
     for r in range(rounds):
-        for concurrency in order[r % 2]:
+        for concurrency in order[r % 3]:
+            if concurrency == "loop":
+                start = time.perf_counter()
+                done = plain_loop(epochs, r)
+                wall = time.perf_counter() - start
+                rates["loop"].append(60 * done / wall)
+                print(f"  round {r + 1}, plain loop: {done} trainings in {wall:.1f} s = {60 * done / wall:.0f} per min",
+                      flush=True)
+                continue
             with tempfile.TemporaryDirectory() as tmp:
                 experiment = Experiment(
                     nas_digits.space, FunctionalTrainer(nas_digits.evaluate, epochs=epochs), GridSearch(),
@@ -127,6 +151,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="experiment seeds per strategy (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per concurrency (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 1 seed, 2 repeats, 1 round")
+    parser.add_argument("--throughput-only", action="store_true", help="skip the ground truth and the strategies")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.seeds, args.repeats, args.rounds = 2, 1, 2, 1
@@ -137,46 +162,50 @@ def main() -> int:
     print(f"epochs per trial {args.epochs}, budget {args.budget}, repeats {args.repeats}")
 
     start = time.perf_counter()
-    truth = ground_truth(args.epochs, args.seeds)
-    means = {k: statistics.mean(v) for k, v in truth.items()}
-    ranked = sorted(means, key=means.get, reverse=True)
-    true_best = ranked[0]
-    known = {key(a) for a in nas_digits.KNOWN_BEST}
-    print(f"\nground truth ({args.seeds} seeds per architecture, {time.perf_counter() - start:.0f} s), best first:")
-    print(f"  {'architecture':<52} {'mean':>6}  values")
-    for k in ranked:
-        mark = " <- true best" if k == true_best else " <- known best" if k in known else ""
-        print(f"  {k:<52} {means[k]:6.4f}  {' '.join(f'{v:.4f}' for v in truth[k])}{mark}")
+    if not args.throughput_only:
+        truth = ground_truth(args.epochs, args.seeds)
+        means = {k: statistics.mean(v) for k, v in truth.items()}
+        ranked = sorted(means, key=means.get, reverse=True)
+        true_best = ranked[0]
+        known = {key(a) for a in nas_digits.KNOWN_BEST}
+        print(f"\nground truth ({args.seeds} seeds per architecture, {time.perf_counter() - start:.0f} s), best first:")
+        print(f"  {'architecture':<52} {'mean':>6}  values")
+        for k in ranked:
+            mark = " <- true best" if k == true_best else " <- known best" if k in known else ""
+            print(f"  {k:<52} {means[k]:6.4f}  {' '.join(f'{v:.4f}' for v in truth[k])}{mark}")
 
-    print(f"\nstrategies ({args.repeats} experiment seeds each):")
-    header = (f"  {'strategy':<21} {'trials':>6} {'true best sampled':>17} {'at trial':>12} "
-              f"{'a known best sampled':>20} {'at trial':>12} {'best() true':>11} {'best() known':>12}")
-    print(header)
-    for name, strategy in strategies().items():
-        budget = None if name == "GridSearch" else args.budget
-        found_true, found_known, picked_true, picked_known, n_trials = [], [], 0, 0, 0
-        for seed in range(args.repeats):
-            experiment = search(strategy, budget, seed, args.epochs)
-            trials = experiment.trials()
-            n_trials = len(trials)
-            if (at := first_at(trials, {true_best})) is not None:
-                found_true.append(at)
-            if (at := first_at(trials, known)) is not None:
-                found_known.append(at)
-            best = key(experiment.best().architecture)
-            picked_true += best == true_best
-            picked_known += best in known
-        n = args.repeats
-        print(f"  {name:<21} {n_trials:>6} {f'{len(found_true)}/{n}':>17} {spread(found_true):>12} "
-              f"{f'{len(found_known)}/{n}':>20} {spread(found_known):>12} {f'{picked_true}/{n}':>11} "
-              f"{f'{picked_known}/{n}':>12}", flush=True)
+        print(f"\nstrategies ({args.repeats} experiment seeds each):")
+        header = (f"  {'strategy':<21} {'trials':>6} {'true best sampled':>17} {'at trial':>12} "
+                  f"{'a known best sampled':>20} {'at trial':>12} {'best() true':>11} {'best() known':>12}")
+        print(header)
+        for name, strategy in strategies().items():
+            budget = None if name == "GridSearch" else args.budget
+            found_true, found_known, picked_true, picked_known, n_trials = [], [], 0, 0, 0
+            for seed in range(args.repeats):
+                experiment = search(strategy, budget, seed, args.epochs)
+                trials = experiment.trials()
+                n_trials = len(trials)
+                if (at := first_at(trials, {true_best})) is not None:
+                    found_true.append(at)
+                if (at := first_at(trials, known)) is not None:
+                    found_known.append(at)
+                best = key(experiment.best().architecture)
+                picked_true += best == true_best
+                picked_known += best in known
+            n = args.repeats
+            print(f"  {name:<21} {n_trials:>6} {f'{len(found_true)}/{n}':>17} {spread(found_true):>12} "
+                  f"{f'{len(found_known)}/{n}':>20} {spread(found_known):>12} {f'{picked_true}/{n}':>11} "
+                  f"{f'{picked_known}/{n}':>12}", flush=True)
 
-    print("\nthroughput (a full grid: 12 trials):")
+    print("\nthroughput (a full grid: 12 trials; the plain loop: the same 12 trainings, no experiment):")
     rates = throughput(args.epochs, args.rounds)
     for concurrency, values in rates.items():
-        print(f"  concurrency {concurrency}: median {statistics.median(values):.0f} trials/min "
+        name = "plain loop" if concurrency == "loop" else f"concurrency {concurrency}"
+        print(f"  {name:<13}: median {statistics.median(values):.0f} per min "
               f"(rounds: {', '.join(f'{v:.0f}' for v in values)})")
-    print(f"  speed-up: {statistics.median(rates[2]) / statistics.median(rates[1]):.2f}x")
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"  concurrency 1 / plain loop: {median[1] / median['loop']:.2f}; "
+          f"concurrency 2 / concurrency 1: {median[2] / median[1]:.2f}x")
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0
 
