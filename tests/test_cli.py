@@ -37,7 +37,7 @@ def test_run_writes_artifacts_and_reports_them(tmp_path, capsys):
         assert (out_dir / name).stat().st_size > 0
         assert str(out_dir / name) in out
     assert re.search(r"^epoch 1/1\b.* updates 23\b", out, re.M)  # --no-progress: no bar, still the epoch line
-    assert "val/acc" in out and "Final epoch:" in out
+    assert "val/acc" in out and "Final values:" in out
 
 
 def test_default_out_dir_and_progress(tmp_path, monkeypatch, capsys):
@@ -51,8 +51,8 @@ def test_default_out_dir_and_progress(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["run", "nope"], "invalid choice: 'nope' (choose from 'mlp', 'two-losses', 'alternating', 'gan', 'dcgan', 'wgan-gp')"),
-        (["run"], "name an example to run (one of: mlp, two-losses, alternating, gan, dcgan, wgan-gp), or pass --list."),
+        (["run", "nope"], "invalid choice: 'nope' (choose from 'mlp', 'two-losses', 'alternating', 'gan', 'dcgan', 'wgan-gp', 'nas-digits')"),
+        (["run"], "name an example to run (one of: mlp, two-losses, alternating, gan, dcgan, wgan-gp, nas-digits), or pass --list."),
         (["run", "mlp", "--epochs", "0"], "argument --epochs: must be >= 1. Received: 0."),
         (["run", "mlp", "--epochs", "two"], "argument --epochs: must be a whole number. Received: 'two'."),
         (["run", "mlp", "--seed", "-3"], "argument --seed: must be >= 0. Received: -3."),

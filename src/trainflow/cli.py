@@ -1,10 +1,13 @@
 """The ``trainflow`` command: run a built-in example and say where its artifacts are.
 
 ``trainflow run mlp`` trains seed 004's MLP on the 8x8 digits and writes ``runs/mlp/``;
+``trainflow run nas-digits`` searches architectures for them (seed 002);
 ``trainflow run --list`` lists the examples. Each example saves a checkpoint after every epoch
 in ``<out>/checkpoints``; ``trainflow run mlp --resume`` continues from the newest one. On
 SIGTERM or Ctrl-C the run stops at the next update boundary with a checkpoint, the command
-says how to resume it, and exits with code 0.
+says how to resume it, and exits with code 0. ``nas-digits`` keeps its trials in its
+experiment's storage instead: after Ctrl-C, ``--resume`` runs the rest (the trial that was cut
+short again).
 
 Run folders are versioned, as Lightning's log folders are: a run never writes over an earlier
 one. When ``runs/mlp`` already holds a run, the same command writes ``runs/mlp-2`` (then
@@ -28,8 +31,8 @@ from trainflow import checkpoint
 
 __all__ = ["main"]
 
-#: what the examples write, in the order they are listed after a run
-ARTIFACTS = ("metrics.csv", "curves.png", "weights.pt", "samples.png")
+#: what the examples write, in the order they are listed after a run (the last three: nas-digits)
+ARTIFACTS = ("metrics.csv", "curves.png", "weights.pt", "samples.png", "trials.csv", "best_arch.json", "history.png")
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -112,9 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"(`trainflow run {args.example} --resume` continues the newest run instead).")
     _, run = EXAMPLES[args.example]
     start = time.perf_counter()
-    with warnings.catch_warnings():  # said below, in the command's own words
-        warnings.filterwarnings("ignore", message="fit: nothing to do", category=UserWarning)
-        logs = run(out_dir, epochs=args.epochs, progress=not args.no_progress, seed=args.seed, resume=args.resume)
+    try:
+        with warnings.catch_warnings():  # said below, in the command's own words
+            warnings.filterwarnings("ignore", message="fit: nothing to do", category=UserWarning)
+            logs = run(out_dir, epochs=args.epochs, progress=not args.no_progress, seed=args.seed,
+                       resume=args.resume)
+    except KeyboardInterrupt:  # nas-digits: its experiment keeps the finished trials, and retries the one cut short
+        print(
+            f"\n{args.example!r} was interrupted after {time.perf_counter() - start:.1f} s.\n"
+            f"Continue with: {resume_command}"
+        )
+        return 0
     stopped = _newest_entry(out_dir / "checkpoints")
     if args.resume and before is not None and stopped == before:  # the run had already reached its epochs
         print(f"{out_dir} already finished at epoch {before['epoch']}: nothing to train. Train further with "
@@ -131,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ARTIFACTS:
         if (out_dir / name).is_file():
             print(f"  {out_dir / name}")
-    print("Final epoch:")
+    print("Final values:")
     for key, value in logs.items():
         print(f"  {key:<12} {value:.4f}")
     return 0
@@ -146,7 +157,8 @@ def _versions(base: Path) -> list[Path]:
 
 
 def _holds_run(folder: Path) -> bool:
-    return checkpoint.latest(folder / "checkpoints") is not None
+    """A checkpoint of a training run, or the trial storage of an experiment (``nas-digits``)."""
+    return checkpoint.latest(folder / "checkpoints") is not None or (folder / "journal.log").is_file()
 
 
 def _run_folder(base: Path, resume: bool, explicit: bool) -> Path:
