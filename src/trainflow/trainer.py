@@ -191,8 +191,9 @@ class Trainer:
 
     Counters: ``trainer.epoch`` (completed epochs) and ``trainer.updates`` (optimizer updates
     of all steps); ``trainer.max_epochs`` / ``trainer.max_updates`` are the current ``fit``'s
-    limits. ``trainer.losses`` holds the last update's losses (tensors), ``trainer.logs`` the
-    last epoch's values. ``trainer.stop()`` ends ``fit`` after the current update.
+    limits. ``trainer.losses`` holds the last update's losses (tensors), ``trainer.latest_losses``
+    the latest value of every loss key over all steps (what a logger filtered to every N updates
+    reads), ``trainer.logs`` the last epoch's values. ``trainer.stop()`` ends ``fit`` after the current update.
 
     Example:
         >>> import torch
@@ -271,6 +272,7 @@ class Trainer:
         self.max_updates: int | None = None
         self.should_stop = False
         self.losses: dict[str, torch.Tensor] = {}  # the last update's losses
+        self.latest_losses: dict[str, torch.Tensor] = {}  # each loss key's latest value, over all steps
         self.logs: dict[str, float] = {}  # the last epoch's values (loss means, metrics)
         self._streams: dict[str, Stream] = {}
         self._in_epoch = False
@@ -422,7 +424,7 @@ class Trainer:
 
     def _run_updates(self, max_updates: int | None) -> bool:
         """Run updates until the train stream is exhausted (True) or the run must stop (False)."""
-        flow, plans, record = self.flow, self._plans, self._epoch_losses
+        flow, plans, record, latest = self.flow, self._plans, self._epoch_losses, self.latest_losses
         handlers = self.events.handlers["on_update_end"]
         limit = math.inf if max_updates is None else max_updates
         while True:
@@ -436,6 +438,7 @@ class Trainer:
             self.updates += 1
             flow.advance()
             self.losses = losses
+            latest.update(losses)  # what filtered loggers read (LossLogger every N updates)
             if self.skipped == skipped:  # a dropped update is counted in trainer.skipped, not averaged
                 for key, value in losses.items():
                     record.setdefault(key, []).append(value)

@@ -18,7 +18,7 @@ from rich.console import Console
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-from trainflow.callbacks import Checkpoint, CSVLogger, ProgressBar
+from trainflow.callbacks import Checkpoint, CSVLogger, Preemption, ProgressBar
 from trainflow.trainer import Trainer
 
 __all__ = ["curves_figure", "epochs_or_default", "finish", "is_loss", "plot_curves", "save_weights"]
@@ -229,11 +229,12 @@ def run_callbacks(progress: bool, *extra: Any, first: tuple[Any, ...] = ()) -> l
     """The callbacks every example uses, in the order that matters.
 
     ``first`` (callbacks that add epoch values the loggers must see), then CSVLogger, then
-    Checkpoint (after it, so a checkpoint holds the CSV rows), then ``extra``, then a progress
-    bar (when ``progress`` is False, only its one line per epoch).
+    Checkpoint (after it, so a checkpoint holds the CSV rows), then Preemption (SIGTERM or
+    Ctrl-C: a checkpoint at the next update boundary and a clean exit), then ``extra``, then a
+    progress bar (when ``progress`` is False, only its one line per epoch).
     """
     bar = ProgressBar() if progress else ProgressBar(console=Console(force_terminal=False))
-    return [*first, CSVLogger(), Checkpoint(every_epochs=1), *extra, bar]
+    return [*first, CSVLogger(), Checkpoint(every_epochs=1), Preemption(), *extra, bar]
 
 
 def interrupted(trainer: Trainer) -> bool:

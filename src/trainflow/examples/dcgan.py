@@ -148,7 +148,7 @@ def run(
     quality_noise = torch.randn(QUALITY_SAMPLES, LATENT, generator=fixed)
     callbacks = run_callbacks(
         progress,
-        SampleGrid(g_ema, grid_noise, every=SAMPLE_EVERY_EPOCHS * 2 * len(train)),
+        SampleGrid(g_ema, grid_noise, every_epochs=SAMPLE_EVERY_EPOCHS),
         # before the loggers, so that they see the quality values
         first=(WeightAverage(generator, g_ema, step="G", decay=EMA_DECAY), SampleQuality(g_ema, classifier, quality_noise)),
     )

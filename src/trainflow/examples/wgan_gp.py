@@ -120,7 +120,7 @@ def run(
     quality_noise = torch.randn(QUALITY_SAMPLES, LATENT, generator=fixed)
     callbacks = run_callbacks(
         progress,
-        SampleGrid(generator, grid_noise, every=SAMPLE_EVERY_EPOCHS * len(train) * (N_CRITIC + 1) // N_CRITIC),
+        SampleGrid(generator, grid_noise, every_epochs=SAMPLE_EVERY_EPOCHS),
         first=(SampleQuality(generator, classifier, quality_noise),),  # before the loggers: they see its values
     )
     trainer = Trainer(
