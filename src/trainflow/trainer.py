@@ -168,7 +168,8 @@ class Trainer:
     Args:
         models: an ``nn.Module`` or a dict of named modules. The trainer sets their train/eval
             mode, moves them to ``device``, and names their state in ``state_dict()``.
-        steps: a :class:`Step` or a list of them, run as a cycle.
+        steps: a :class:`Step`, a list of them run as a cycle, or a :class:`~trainflow.Flow`
+            (``Flow(steps, restart="epoch")`` starts the cycle afresh every epoch).
         metrics: a dict ``{"train/<name>": metric, "val/<name>": metric}`` of objects with
             ``update/compute/reset`` (torchmetrics). Call ``update`` yourself in the loss or
             validation function; the trainer computes, logs and resets them at epoch end
@@ -216,7 +217,7 @@ class Trainer:
     def __init__(
         self,
         models: nn.Module | Mapping[str, nn.Module],
-        steps: Step | Iterable[Step],
+        steps: Step | Iterable[Step] | Flow,
         *,
         metrics: Mapping[str, Any] | None = None,
         callbacks: Iterable[Any] = (),
@@ -236,7 +237,7 @@ class Trainer:
         self.models = _models(models)
         #: the models as given: the module itself, or the dict (for naming parameters)
         self.model_tree: nn.Module | dict[str, nn.Module] = models if isinstance(models, nn.Module) else self.models
-        self.flow = Flow(list(steps) if not isinstance(steps, Step) else steps)
+        self.flow = steps if isinstance(steps, Flow) else Flow(list(steps) if not isinstance(steps, Step) else steps)
         self.device = _device(device)
         self.precision = Precision(precision, self.device)
         self._host_reads = self.device.type == "cpu"  # reading a value costs no device sync
@@ -418,6 +419,7 @@ class Trainer:
 
     def _start_epoch(self) -> None:
         self._streams["train"].restart()
+        self.flow.start_epoch()  # Flow(restart="epoch"): back to the first step
         self._in_epoch = True
         self._epoch_losses = {}
         self.events.fire("on_epoch_start", self)
