@@ -89,7 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           mlp  ...
         0
     """
-    from trainflow.examples import EXAMPLES
+    try:
+        from trainflow.examples import EXAMPLES
+    except ImportError as error:  # matplotlib or scikit-learn: the `examples` extra
+        print(f"trainflow run: the examples need the `examples` extra ({error}). Install it with "
+              '`pip install "trainflow[examples]"`.', file=sys.stderr)
+        return 2
 
     names = list(EXAMPLES)
     parser, run_parser = _parsers(names)

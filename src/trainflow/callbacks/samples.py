@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 
 from trainflow.callbacks._args import optional_path, output_path, positive_int
@@ -19,6 +18,18 @@ __all__ = ["SampleGrid", "save_grid"]
 _MIN_CELL = 60
 #: the height of the title band above a grid, in pixels
 _TITLE_BAND = 24
+
+
+def _figure_class() -> Any:
+    """matplotlib's ``Figure``, imported when a grid is drawn: matplotlib is part of the `examples` extra."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            f"SampleGrid and save_grid draw with matplotlib, which could not be imported ({error}). Install it with "
+            '`pip install "trainflow[examples]"` (or `pip install matplotlib`), or drop this callback.'
+        ) from error
+    return Figure
 
 
 def _as_images(images: torch.Tensor, owner: str) -> torch.Tensor:
@@ -75,7 +86,7 @@ def save_grid(
     dpi = 100
     width, height = grid.shape[1] * scale, grid.shape[0] * scale  # pixels
     band = _TITLE_BAND if title else 0
-    fig = Figure(figsize=(width / dpi, (height + band) / dpi), dpi=dpi)
+    fig = _figure_class()(figsize=(width / dpi, (height + band) / dpi), dpi=dpi)
     ax = fig.add_axes((0, 0, 1, height / (height + band)))
     if title:
         # 10 points, smaller when a narrow grid needs it (a character is about 0.6 em wide)
@@ -151,6 +162,7 @@ class SampleGrid:
         value_range: tuple[float, float] = (0.0, 1.0),
         columns: int | None = None,
     ) -> None:
+        _figure_class()  # matplotlib missing: say so now, not at the first save
         if not isinstance(generator, nn.Module):
             raise TypeError(
                 f"SampleGrid: `generator` must be an nn.Module. Received: generator of type "
