@@ -82,3 +82,28 @@ print("exit", main(["run", "--list"]))
     assert lines[3] == "exit 2"
     assert run.stderr.startswith("trainflow run: the examples need the `examples` extra")
     assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "checkpoints" / "index.json").is_file()
+
+
+def test_an_experiment_without_matplotlib_writes_its_csv_and_says_history_png_needs_it(tmp_path):
+    script = f"""
+import sys, warnings
+sys.modules["matplotlib"] = None  # as if not installed
+from torch import nn
+from trainflow.nas import Experiment, FunctionalTrainer, GridSearch, LayerChoice, report_final_result
+def space():
+    return nn.Sequential(nn.Linear(2, 2), LayerChoice({{"relu": nn.ReLU(), "tanh": nn.Tanh()}}, label="act"))
+def fit(model):
+    report_final_result(float(isinstance(model[1], nn.Tanh)))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    Experiment(space, FunctionalTrainer(fit), GridSearch(), out_dir={str(tmp_path)!r}).run()
+print([str(w.message) for w in caught if "history.png" in str(w.message)])
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"best_arch.json", "trials.csv"} <= written and "history.png" not in written
+    (message,) = eval(run.stdout.strip().splitlines()[-1])
+    assert message.startswith("Experiment: history.png needs matplotlib, which could not be imported (")
+    assert message.endswith('trials.csv holds the same values. Install it with `pip install "trainflow[examples]"` '
+                            "(or `pip install matplotlib`).")
