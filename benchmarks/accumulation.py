@@ -39,7 +39,7 @@ shared machine.
 Run:
     python benchmarks/accumulation.py                  # conv, 5 rounds x 3 timed updates
     python benchmarks/accumulation.py --model mlp
-    python benchmarks/accumulation.py --quick          # smoke run (1 round, 1 update)
+    python benchmarks/accumulation.py --quick          # smoke run (1 round, no warm-up, 1 update, batch 128)
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def child(config: str, model: str, warmup: int, updates: int) -> dict:
 
 def spawn(config: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", config, "--model", args.model, "--threads", str(args.threads),
-           "--warmup", str(args.warmup), "--updates", str(args.updates)]
+           "--warmup", str(args.warmup), "--updates", str(args.updates), "--batch", str(BATCH)]
     env = dict(os.environ)
     if not args.default_malloc:
         env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
@@ -207,6 +207,7 @@ def check_exact() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BATCH  # --batch / --quick: build() and child() read it
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("conv", "mlp"), default="conv")
     parser.add_argument("--rounds", type=int, default=5)
@@ -217,16 +218,18 @@ def main(argv: list[str] | None = None) -> int:
                              "every parallel region of a 2-thread run; 0 keeps torch's default)")
     parser.add_argument("--default-malloc", action="store_true",
                         help=f"do not set MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} in the measured processes")
-    parser.add_argument("--quick", action="store_true", help="1 round, 1 timed update")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"samples per update (default {BATCH})")
+    parser.add_argument("--quick", action="store_true", help="1 round, no warm-up, 1 timed update, batch 128")
     parser.add_argument("--child", choices=tuple(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    BATCH = 128 if args.quick else args.batch
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child(args.child, args.model, args.warmup, args.updates)))
         return 0
     if args.quick:
-        args.rounds, args.updates = 1, 1
+        args.rounds, args.warmup, args.updates = 1, 0, 1
 
     print(f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")

@@ -150,11 +150,11 @@ def main() -> int:
     parser.add_argument("--budget", type=int, default=8, help="trials per search, except the grid's 12 (default 8)")
     parser.add_argument("--repeats", type=int, default=5, help="experiment seeds per strategy (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per concurrency (default 3)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 1 seed, 2 repeats, 1 round")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 1 seed, 1 repeat, 4 trials, 1 round")
     parser.add_argument("--throughput-only", action="store_true", help="skip the ground truth and the strategies")
     args = parser.parse_args()
     if args.quick:
-        args.epochs, args.seeds, args.repeats, args.rounds = 2, 1, 2, 1
+        args.epochs, args.seeds, args.repeats, args.budget, args.rounds = 1, 1, 1, 4, 1
     torch.set_num_threads(1)
     print(f"trainflow {trainflow.__version__}, torch {torch.__version__}, python {platform.python_version()}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads 1, load average "

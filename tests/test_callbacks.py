@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trainflow import Step, Trainer
 from trainflow.callbacks import (
-    Checkpoint, CSVLogger, EarlyStopping, JSONLLogger, LossLogger, ProgressBar, TensorBoardLogger,
+    Checkpoint, CSVLogger, EarlyStopping, JSONLLogger, LossLogger, Preemption, ProgressBar, TensorBoardLogger,
 )
 from trainflow.callbacks._values import Columns, duration, fmt
 from trainflow.callbacks.progress_bar import summary
@@ -289,8 +289,8 @@ class Interrupt:
 def test_progress_bar_leaves_no_stale_frame_after_ctrl_c(tmp_path, how):
     out = io.StringIO()
     bar = ProgressBar(console=Console(file=out, force_terminal=True, width=100))
-    # Checkpoint turns SIGINT into a save and a clean stop at the next update boundary
-    trainer, _ = linear_trainer([Checkpoint(), Interrupt(how), bar], tmp_path)
+    # Preemption turns SIGINT into a clean stop at the next update boundary, where Checkpoint saves
+    trainer, _ = linear_trainer([Checkpoint(), Preemption(), Interrupt(how), bar], tmp_path)
     if how == "signal":
         trainer.fit(data(), epochs=3)
         assert trainer.stop_reason == "signal" and trainer.updates == 7  # the next update boundary
@@ -306,14 +306,14 @@ def test_progress_bar_leaves_no_stale_frame_after_ctrl_c(tmp_path, how):
 CTRL_C_SCRIPT = """
 import sys, time, torch
 from trainflow import Step, Trainer
-from trainflow.callbacks import Checkpoint
+from trainflow.callbacks import Checkpoint, Preemption
 torch.manual_seed(0)
 model = torch.nn.Linear(3, 1)
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
 def mse(batch):
     time.sleep(0.02)  # an epoch of 10 batches lasts about 0.2 s: the bar is drawn in each
     return model(batch).pow(2).mean()
-trainer = Trainer(model, [Step(mse, opt)], callbacks=[Checkpoint()], out_dir=sys.argv[1], device="cpu")
+trainer = Trainer(model, [Step(mse, opt)], callbacks=[Checkpoint(), Preemption()], out_dir=sys.argv[1], device="cpu")
 trainer.fit([torch.randn(4, 3)] * 10, epochs=100)
 print(f"stopped: {trainer.stop_reason} at update {trainer.updates}")
 """

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import trainflow.checkpoint
 from trainflow import Step, Trainer, checkpoint
-from trainflow.callbacks import Checkpoint, CSVLogger, EarlyStopping
+from trainflow.callbacks import Checkpoint, CSVLogger, EarlyStopping, Preemption
 
 BATCHES = 4  # per epoch
 
@@ -350,7 +350,7 @@ class RaiseAt:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_at_the_update_boundary_with_a_checkpoint(tmp_path, signum):
     before = signal.getsignal(signum)
-    trainer = trainer_with([RaiseAt(6, signum), Checkpoint()], tmp_path)
+    trainer = trainer_with([RaiseAt(6, signum), Checkpoint(), Preemption()], tmp_path)
     trainer.fit(data(), epochs=3)  # returns normally
     assert trainer.stop_reason == "signal" and trainer.updates == 6
     assert signal.getsignal(signum) is before  # the handler from before fit is back
@@ -370,7 +370,7 @@ def test_a_signal_during_validation_stops_at_the_epoch_end(tmp_path):
             signal.raise_signal(signal.SIGTERM)
         return F.mse_loss(ref[0].models["model"](batch[0]), batch[1])
 
-    trainer = trainer_with([Checkpoint(every_epochs=5)], tmp_path)
+    trainer = trainer_with([Checkpoint(every_epochs=5), Preemption()], tmp_path)
     ref.append(trainer)
     trainer.fit(data(), epochs=3, val_data=data(seed=1), val_step=val_step)
     assert trainer.stop_reason == "signal" and (trainer.epoch, trainer.updates) == (1, 4)
@@ -386,7 +386,7 @@ def test_handlers_are_restored_after_an_exception_and_not_installed_off_the_main
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        trainer_with([Checkpoint(), Boom()], tmp_path).fit(data(), epochs=1)
+        trainer_with([Checkpoint(), Preemption(), Boom()], tmp_path).fit(data(), epochs=1)
     assert signal.getsignal(signal.SIGTERM) is before
 
     seen = []
@@ -396,7 +396,7 @@ def test_handlers_are_restored_after_an_exception_and_not_installed_off_the_main
             seen.append(signal.getsignal(signal.SIGTERM))
 
     errors = []
-    thread = threading.Thread(target=lambda: _fit_catching(trainer_with([Checkpoint(), Look()], tmp_path / "t"), errors))
+    thread = threading.Thread(target=lambda: _fit_catching(trainer_with([Checkpoint(), Preemption(), Look()], tmp_path / "t"), errors))
     thread.start()
     thread.join()
     assert not errors and seen and all(h is before for h in seen)
@@ -816,7 +816,7 @@ def test_cli_resume_after_a_signal_ends_like_an_uninterrupted_run(tmp_path, monk
     from trainflow.cli import main
     from trainflow.examples import artifacts
 
-    class SignalAt100(Checkpoint):  # a real SIGTERM to this process at update 100 (epoch 2 of 3)
+    class SignalAt100(Preemption):  # a real SIGTERM to this process at update 100 (epoch 2 of 3)
         def on_update_end(self, trainer, step, losses):
             if trainer.updates == 100:
                 signal.raise_signal(signal.SIGTERM)
@@ -824,7 +824,7 @@ def test_cli_resume_after_a_signal_ends_like_an_uninterrupted_run(tmp_path, monk
 
     out = tmp_path / "run"
     argv = ["run", "two-losses", "--epochs", "3", "--out", str(out), "--no-progress"]
-    monkeypatch.setattr(artifacts, "Checkpoint", SignalAt100)  # the examples' callbacks come from there
+    monkeypatch.setattr(artifacts, "Preemption", SignalAt100)  # the examples' callbacks come from there
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert re.search(
@@ -852,3 +852,19 @@ def test_cli_resume_without_checkpoints_starts_fresh(tmp_path, capsys):
     assert main(["run", "alternating", "--epochs", "1", "--out", str(tmp_path), "--no-progress", "--resume"]) == 0
     assert "'alternating' finished in" in capsys.readouterr().out
     assert index(tmp_path / "checkpoints")["latest"] == "ckpt-u000000079-e1.pt"
+
+
+def test_a_signal_at_a_saved_update_is_recorded_as_a_signal_and_read_by_read_index(tmp_path):
+    trainer = trainer_with([RaiseAt(6), Checkpoint(every_updates=2, keep_last=3), Preemption()], tmp_path)
+    trainer.fit(data(), epochs=3)
+    entries = checkpoint.read_index(tmp_path / "checkpoints")
+    assert [(e["update"], e["reason"]) for e in entries] == [(2, "update"), (4, "epoch"), (6, "signal")]  # 6: saved once
+    assert entries == index(tmp_path / "checkpoints")["checkpoints"]
+
+
+def test_read_index_refuses_a_file_that_is_not_an_index(tmp_path):
+    assert checkpoint.read_index(tmp_path) == []
+    (tmp_path / "index.json").write_text('{"checkpoints": 3}')
+    with pytest.raises(ValueError, match=r"index\.json' is not a trainflow checkpoint index \(TypeError: int\)\. "
+                                         r"Received: a file without a 'checkpoints' list\. Delete it"):
+        checkpoint.read_index(tmp_path)

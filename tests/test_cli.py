@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import os
 import re
 import subprocess
@@ -12,14 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainflow.cli
 from trainflow.cli import main
 from trainflow.examples import EXAMPLES
-
-
-def test_doctests():
-    result = doctest.testmod(trainflow.cli)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_list(capsys):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
 
 import numpy as np
 import pytest
@@ -19,12 +17,6 @@ N, N_CLASSES = 1797, 10
 def tensors(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     """All of a loader's images and labels, in dataset order."""
     return loader.dataset.tensors
-
-
-def test_doctests():
-    # the function `digits` shadows its module as an attribute of trainflow.data
-    result = doctest.testmod(importlib.import_module("trainflow.data.digits"))
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_flat_shapes_dtypes_and_range():

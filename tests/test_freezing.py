@@ -11,7 +11,6 @@ from conftest import assert_same_weights, regression_loader
 from torch import nn
 
 from trainflow import Step, Trainer, freeze, param_groups, unfreeze
-from trainflow import trainer as trainer_module
 from trainflow.callbacks import Freeze, Unfreeze
 from trainflow.params import KEEP_EVAL
 
@@ -63,10 +62,6 @@ class Snapshots:
 
 
 # ---------------------------------------------------------------- freeze(batchnorm=)
-
-
-def test_keep_eval_is_the_attribute_the_trainer_reads():
-    assert KEEP_EVAL == trainer_module.KEEP_EVAL
 
 
 def test_freeze_batchnorm_eval_marks_only_wholly_frozen_norms_and_unfreeze_clears():

@@ -17,6 +17,7 @@ executed. Errors name the file and say what is wrong with it.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import shutil
@@ -28,10 +29,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "latest", "load", "path_for", "save"]
+__all__ = ["FORMAT", "INDEX", "latest", "load", "path_for", "read_index", "save"]
 
 #: the marker and version of trainflow's checkpoint layout
 FORMAT = "trainflow-checkpoint-1"
+#: the file in a checkpoint folder that lists its checkpoints (written by the ``Checkpoint`` callback)
+INDEX = "index.json"
+INDEX_FORMAT = "trainflow-checkpoint-index-1"
 _NAME = re.compile(r"^ckpt-u(\d{9})(?:-e(\d+))?\.pt$")
 
 
@@ -70,6 +74,48 @@ def latest(directory: str | Path) -> Path | None:
     """
     found = checkpoints(directory)
     return found[-1] if found else None
+
+
+def read_index(directory: str | Path) -> list[dict[str, Any]]:
+    """The entries of ``<directory>/index.json``, oldest first; ``[]`` when there is no index.
+
+    Each entry is a dict as the ``Checkpoint`` callback writes it: ``file``, ``update``,
+    ``epoch``, ``time``, ``value`` (the monitored value or None), ``reason`` (why it was saved:
+    ``"epoch"``, ``"update"``, ``"signal"``, ``"requested"``, ``"nonfinite"``...), ``best``
+    and ``last`` (the newest one, which ``resume="latest"`` picks). The index is
+    informational: :func:`latest` finds the newest complete file without it.
+
+    Raises a ValueError naming the file when it is not a readable index.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from trainflow import Step, Trainer
+        >>> from trainflow.callbacks import Checkpoint
+        >>> model = torch.nn.Linear(2, 1)
+        >>> step = Step(lambda x: model(x).pow(2).mean(), torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> Trainer(model, step, callbacks=[Checkpoint()], out_dir=tmp.name).fit([torch.ones(4, 2)] * 3, epochs=2)
+        >>> [(e["file"], e["update"], e["epoch"], e["reason"], e["last"]) for e in read_index(f"{tmp.name}/checkpoints")]
+        [('ckpt-u000000003-e1.pt', 3, 1, 'epoch', False), ('ckpt-u000000006-e2.pt', 6, 2, 'epoch', True)]
+        >>> read_index(tmp.name)  # no index there
+        []
+        >>> tmp.cleanup()
+    """
+    path = Path(directory) / INDEX
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    try:
+        entries = json.loads(text)["checkpoints"]
+        if not isinstance(entries, list):
+            raise TypeError(type(entries).__name__)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{str(path)!r} is not a trainflow checkpoint index ({type(error).__name__}: {error}). Received: a "
+            "file without a 'checkpoints' list. Delete it: the Checkpoint callback rebuilds it from the files."
+        ) from None
+    return [e for e in entries if isinstance(e, dict) and "file" in e]
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -19,7 +19,6 @@ folder given), and on a finished run says at which epoch it finished and how to 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -90,7 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           mlp  ...
         0
     """
-    from trainflow.examples import EXAMPLES
+    try:
+        from trainflow.examples import EXAMPLES
+    except ImportError as error:  # matplotlib or scikit-learn: the `examples` extra
+        print(f"trainflow run: the examples need the `examples` extra ({error}). Install it with "
+              '`pip install "trainflow[examples]"`.', file=sys.stderr)
+        return 2
 
     names = list(EXAMPLES)
     parser, run_parser = _parsers(names)
@@ -178,12 +182,12 @@ def _run_folder(base: Path, resume: bool, explicit: bool) -> Path:
 
 
 def _newest_entry(folder: Path) -> dict | None:
-    """The newest checkpoint's entry in ``index.json`` (Checkpoint's list: when, why it was saved)."""
+    """The newest checkpoint's entry in the folder's index (when, why it was saved), or None."""
     try:
-        entries = json.loads((folder / "index.json").read_text(encoding="utf-8"))["checkpoints"]
-    except (OSError, ValueError, KeyError, TypeError):
+        entries = checkpoint.read_index(folder)
+    except (OSError, ValueError):
         return None
-    return entries[-1] if entries and isinstance(entries[-1], dict) else None
+    return entries[-1] if entries else None
 
 
 if __name__ == "__main__":

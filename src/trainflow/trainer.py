@@ -168,7 +168,8 @@ class Trainer:
     Args:
         models: an ``nn.Module`` or a dict of named modules. The trainer sets their train/eval
             mode, moves them to ``device``, and names their state in ``state_dict()``.
-        steps: a :class:`Step` or a list of them, run as a cycle.
+        steps: a :class:`Step`, a list of them run as a cycle, or a :class:`~trainflow.Flow`
+            (``Flow(steps, restart="epoch")`` starts the cycle afresh every epoch).
         metrics: a dict ``{"train/<name>": metric, "val/<name>": metric}`` of objects with
             ``update/compute/reset`` (torchmetrics). Call ``update`` yourself in the loss or
             validation function; the trainer computes, logs and resets them at epoch end
@@ -191,8 +192,9 @@ class Trainer:
 
     Counters: ``trainer.epoch`` (completed epochs) and ``trainer.updates`` (optimizer updates
     of all steps); ``trainer.max_epochs`` / ``trainer.max_updates`` are the current ``fit``'s
-    limits. ``trainer.losses`` holds the last update's losses (tensors), ``trainer.logs`` the
-    last epoch's values. ``trainer.stop()`` ends ``fit`` after the current update.
+    limits. ``trainer.losses`` holds the last update's losses (tensors), ``trainer.latest_losses``
+    the latest value of every loss key over all steps (what a logger filtered to every N updates
+    reads), ``trainer.logs`` the last epoch's values. ``trainer.stop()`` ends ``fit`` after the current update.
 
     Example:
         >>> import torch
@@ -215,7 +217,7 @@ class Trainer:
     def __init__(
         self,
         models: nn.Module | Mapping[str, nn.Module],
-        steps: Step | Iterable[Step],
+        steps: Step | Iterable[Step] | Flow,
         *,
         metrics: Mapping[str, Any] | None = None,
         callbacks: Iterable[Any] = (),
@@ -235,7 +237,7 @@ class Trainer:
         self.models = _models(models)
         #: the models as given: the module itself, or the dict (for naming parameters)
         self.model_tree: nn.Module | dict[str, nn.Module] = models if isinstance(models, nn.Module) else self.models
-        self.flow = Flow(list(steps) if not isinstance(steps, Step) else steps)
+        self.flow = steps if isinstance(steps, Flow) else Flow(list(steps) if not isinstance(steps, Step) else steps)
         self.device = _device(device)
         self.precision = Precision(precision, self.device)
         self._host_reads = self.device.type == "cpu"  # reading a value costs no device sync
@@ -271,6 +273,7 @@ class Trainer:
         self.max_updates: int | None = None
         self.should_stop = False
         self.losses: dict[str, torch.Tensor] = {}  # the last update's losses
+        self.latest_losses: dict[str, torch.Tensor] = {}  # each loss key's latest value, over all steps
         self.logs: dict[str, float] = {}  # the last epoch's values (loss means, metrics)
         self._streams: dict[str, Stream] = {}
         self._in_epoch = False
@@ -416,13 +419,14 @@ class Trainer:
 
     def _start_epoch(self) -> None:
         self._streams["train"].restart()
+        self.flow.start_epoch()  # Flow(restart="epoch"): back to the first step
         self._in_epoch = True
         self._epoch_losses = {}
         self.events.fire("on_epoch_start", self)
 
     def _run_updates(self, max_updates: int | None) -> bool:
         """Run updates until the train stream is exhausted (True) or the run must stop (False)."""
-        flow, plans, record = self.flow, self._plans, self._epoch_losses
+        flow, plans, record, latest = self.flow, self._plans, self._epoch_losses, self.latest_losses
         handlers = self.events.handlers["on_update_end"]
         limit = math.inf if max_updates is None else max_updates
         while True:
@@ -436,6 +440,7 @@ class Trainer:
             self.updates += 1
             flow.advance()
             self.losses = losses
+            latest.update(losses)  # what filtered loggers read (LossLogger every N updates)
             if self.skipped == skipped:  # a dropped update is counted in trainer.skipped, not averaged
                 for key, value in losses.items():
                     record.setdefault(key, []).append(value)

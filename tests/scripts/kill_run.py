@@ -59,7 +59,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainflow import Step, Trainer, checkpoint
-from trainflow.callbacks import Checkpoint, CSVLogger
+from trainflow.callbacks import Checkpoint, CSVLogger, Preemption
 
 from setups import EPOCHS as SETUP_EPOCHS, SETUPS
 
@@ -189,7 +189,7 @@ def gan(out: Path, pauser: Pauser, printer: Printer) -> tuple[Trainer, dict, dic
         Step(g_loss, g_opt, name="G", scheduler=sched),
         Step(w_loss, d_opt, name="W", data="extra"),
     ]
-    callbacks = [CSVLogger(), printer, Checkpoint(every_updates=1, every_epochs=1, keep_last=3)]
+    callbacks = [CSVLogger(), printer, Checkpoint(every_updates=1, every_epochs=1, keep_last=3), Preemption()]
     trainer = Trainer({"G": gen, "D": disc}, steps, metrics={"train/d": d_mean}, callbacks=callbacks,
                       device="cpu", out_dir=out)
     data = {"train": loader(64, 4, 8, seed=1), "extra": loader(24, 4, 8, seed=2)}
@@ -222,7 +222,7 @@ def accum(out: Path, pauser: Pauser, printer: Printer) -> tuple[Trainer, dict, d
     trainer = Trainer(
         model, [Step(loss, opt, name="fit", accumulate=3, scheduler=sched)],
         metrics={"train/acc": train_acc, "val/acc": val_acc},
-        callbacks=[CSVLogger(), printer, checkpoints], device="cpu", out_dir=out,
+        callbacks=[CSVLogger(), printer, checkpoints, Preemption()], device="cpu", out_dir=out,
     )
     fit_kwargs = {"val_data": loader(30, 6, 10, seed=4, classes=3, shuffle=False), "val_step": val_step}
     return trainer, loader(100, 6, 8, seed=3, classes=3), fit_kwargs

@@ -8,6 +8,11 @@
 - :class:`Freeze`, :class:`Unfreeze`: change which parameters train when a given epoch starts.
 - :class:`SampleGrid`: a generator's images for a fixed noise as a PNG grid, every N updates.
 - :class:`Checkpoint`: atomic checkpoints every N updates / epochs, the last K and the best K.
+- :class:`Preemption`: SIGTERM / Ctrl-C stops ``fit`` at the next update boundary (and
+  ``Checkpoint`` saves there).
+
+Callbacks that act every N updates or epochs say so with an event filter
+(:class:`trainflow.events.Every`) in ``event_filters``, checked when they are registered.
 
 Loss values arrive as device tensors; every callback reads them only when it writes them, so
 a CUDA run does not wait on the device at each update.
@@ -19,6 +24,7 @@ from trainflow.callbacks.early_stopping import EarlyStopping
 from trainflow.callbacks.freezing import Freeze, Unfreeze
 from trainflow.callbacks.jsonl_logger import JSONLLogger
 from trainflow.callbacks.loss_logger import LossLogger
+from trainflow.callbacks.preemption import Preemption
 from trainflow.callbacks.progress_bar import ProgressBar
 from trainflow.callbacks.samples import SampleGrid
 from trainflow.callbacks.tensorboard_logger import TensorBoardLogger
@@ -30,6 +36,7 @@ __all__ = [
     "Freeze",
     "JSONLLogger",
     "LossLogger",
+    "Preemption",
     "ProgressBar",
     "SampleGrid",
     "TensorBoardLogger",

@@ -1,13 +1,11 @@
-"""``Checkpoint``: save the trainer's whole state every N updates and/or epochs; stop cleanly on a signal."""
+"""``Checkpoint``: save the trainer's whole state every N updates and/or epochs, and when ``fit`` stops early."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import signal
 import tempfile
-import threading
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,14 +13,13 @@ from typing import Any
 
 from trainflow import checkpoint
 from trainflow.callbacks._args import optional_path, output_path, positive_int
+from trainflow.events import Every
 
 __all__ = ["Checkpoint"]
 
 MODES = ("min", "max")
-INDEX = "index.json"
-INDEX_FORMAT = "trainflow-checkpoint-index-1"
-#: the signals that ask a run to stop at the next update boundary (preemption, Ctrl-C)
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+INDEX = checkpoint.INDEX
+INDEX_FORMAT = checkpoint.INDEX_FORMAT
 
 
 class Checkpoint:
@@ -36,8 +33,9 @@ class Checkpoint:
 
     - ``every_updates=N`` saves after every N-th update (``on_update_end``); ``every_epochs=N``
       after every N-th epoch, once validation has run (``on_epoch_end``: the epoch's logs,
-      ``val/...`` included, are known). A save at the same update as the one before it (an
-      epoch that ends on an every-N-updates save) replaces that one.
+      ``val/...`` included, are known). Both are event filters (``Every(N)``, see
+      :mod:`trainflow.events`); ``None`` leaves that event out. A save at the same update as
+      the one before it (an epoch that ends on an every-N-updates save) replaces that one.
     - ``keep_last=K`` keeps the K newest files; ``keep_best=K`` also keeps the K with the best
       ``monitor`` value (``mode="min"`` or ``"max"``), which ``keep_last`` then never deletes.
       Older files are deleted only after the new one is complete. The value is read from
@@ -45,16 +43,15 @@ class Checkpoint:
       without it (or with NaN) is never "best".
     - ``index.json`` in the folder lists the kept files (update, epoch, time, monitored value,
       why it was saved, which are best, and ``"last": true`` on the newest one only: the file
-      ``resume="latest"`` picks); it is rewritten atomically after each save. It is
-      informational: the checkpoint files themselves are the truth.
+      ``resume="latest"`` picks); it is rewritten atomically after each save. Read it with
+      :func:`trainflow.checkpoint.read_index`. It is informational: the checkpoint files
+      themselves are the truth.
     - When ``fit`` stops early (``trainer.stop_reason`` set: ``"nonfinite"``, ``"signal"``,
-      ``"requested"`` by e.g. ``EarlyStopping``), the state is saved at ``on_fit_end``.
-    - **Preemption**: during ``fit`` (in the main thread) SIGTERM and SIGINT only set a flag;
-      at the next update boundary the state is saved and ``trainer.stop("signal")`` is called,
-      so ``fit`` returns normally and the script decides how to exit (it may exit 0: restart it
-      with ``resume="latest"``). A second signal before that boundary is handled by the
-      previous handler (Ctrl-C twice interrupts at once). The previous handlers are put back
-      when ``fit`` ends.
+      ``"requested"`` by e.g. ``EarlyStopping``), the state is saved at ``on_fit_end``; a
+      signal's stop is recorded as ``"reason": "signal"`` even when that point was saved already.
+    - **Preemption** (SIGTERM, Ctrl-C) is the :class:`~trainflow.callbacks.Preemption`
+      callback's: it turns a signal into ``trainer.stop("signal")`` at the next update
+      boundary, and this callback then saves. Pass both: ``[Checkpoint(), Preemption()]``.
 
     A ``fit`` that starts from an earlier point than a checkpoint already in the folder (a
     fresh run into an old run's folder) raises, since ``resume="latest"`` would later pick the
@@ -157,8 +154,10 @@ class Checkpoint:
         self.records: list[dict[str, Any]] = []
         self._folder: Path | None = None
         self._saved_at: tuple[int, int] | None = None  # (updates, epoch) of the last save
-        self._signal: int | None = None  # the signal received during fit, if any
-        self._previous: dict[int, Any] = {}  # signal -> the handler before fit
+        self.event_filters = {
+            "on_update_end": None if self.every_updates is None else Every(self.every_updates),
+            "on_epoch_end": None if self.every_epochs is None else Every(self.every_epochs),
+        }
 
     # ------------------------------------------------------------------ events
 
@@ -178,32 +177,16 @@ class Checkpoint:
             )
         self._warn_about_later_callbacks(trainer)
         self._saved_at = None
-        self._signal = None
-        self._install_handlers()
 
     def on_update_end(self, trainer: Any, step: Any, losses: dict[str, Any]) -> None:
-        if self._signal is not None and not _finished(trainer):
-            self._save(trainer, self._value(losses, required=False), "signal")
-            trainer.stop("signal")
-        elif self.every_updates is not None and trainer.updates % self.every_updates == 0:
-            self._save(trainer, self._value(losses, required=self.every_epochs is None), "update")
+        self._save(trainer, self._value(losses, required=self.every_epochs is None), "update")
 
     def on_epoch_end(self, trainer: Any, logs: dict[str, float]) -> None:
-        if self._signal is not None and not _finished(trainer):
-            self._save(trainer, self._value(logs, required=False), "signal")
-            trainer.stop("signal")
-        elif self.every_epochs is not None and trainer.epoch % self.every_epochs == 0:
-            self._save(trainer, self._value(logs, required=True), "epoch")
+        self._save(trainer, self._value(logs, required=True), "epoch")
 
     def on_fit_end(self, trainer: Any) -> None:
-        try:
-            if trainer.stop_reason is not None:
-                self._save(trainer, None, trainer.stop_reason)
-        finally:
-            self._restore_handlers()
-
-    def on_exception(self, trainer: Any, error: BaseException) -> None:
-        self._restore_handlers()
+        if trainer.stop_reason is not None:
+            self._save(trainer, None, trainer.stop_reason)
 
     # ------------------------------------------------------------------ saving
 
@@ -222,8 +205,11 @@ class Checkpoint:
 
     def _save(self, trainer: Any, value: float | None, reason: str) -> None:
         point = (trainer.updates, trainer.epoch)
-        if point == self._saved_at:
-            return  # nothing happened since the last save (e.g. a signal right after an epoch end)
+        if point == self._saved_at:  # nothing happened since the last save (e.g. a signal right after an epoch end)
+            if reason == "signal" and self.records and self.records[-1]["reason"] != reason:
+                self.records[-1]["reason"] = reason  # what a restarted job looks for: it was interrupted
+                self._write_index()
+            return
         path = checkpoint.save(trainer.state_dict(), checkpoint.path_for(self._folder, *point))
         self._saved_at = point
         record = {
@@ -289,11 +275,8 @@ class Checkpoint:
         """The checkpoint files in ``folder``, with what ``index.json`` says about them."""
         listed: dict[str, dict[str, Any]] = {}
         try:
-            index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
-            listed = {e["file"]: e for e in index["checkpoints"] if isinstance(e, dict) and "file" in e}
-        except FileNotFoundError:
-            pass
-        except (ValueError, KeyError, TypeError):
+            listed = {e["file"]: e for e in checkpoint.read_index(folder)}
+        except ValueError:
             warnings.warn(
                 f"Checkpoint: {str(folder / INDEX)!r} is not a readable index; it is rebuilt from the "
                 "checkpoint files (their monitored values are forgotten).",
@@ -332,40 +315,6 @@ class Checkpoint:
                 UserWarning,
                 stacklevel=3,
             )
-
-    # ------------------------------------------------------------------ signals
-
-    def _install_handlers(self) -> None:
-        self._previous = {}
-        if threading.current_thread() is not threading.main_thread():
-            return  # Python delivers signals to the main thread only
-        for signum in SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._on_signal)
-
-    def _restore_handlers(self) -> None:
-        previous, self._previous = self._previous, {}
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._signal is None:
-            self._signal = signum  # handled at the next update boundary
-            return
-        # a second signal: the user does not want to wait; hand it to the handler from before fit
-        previous = self._previous.get(signum)
-        self._restore_handlers()
-        if callable(previous):
-            previous(signum, frame)
-        elif previous in (signal.SIG_DFL, None):
-            signal.raise_signal(signum)
-
-
-def _finished(trainer: Any) -> bool:
-    """Whether ``fit`` ends now anyway (its epoch or update limit is reached)."""
-    return (trainer.max_epochs is not None and trainer.epoch >= trainer.max_epochs) or (
-        trainer.max_updates is not None and trainer.updates >= trainer.max_updates
-    )
-
 
 def _order(record: dict[str, Any]) -> tuple[int, int]:
     """Oldest first: by update, then epoch (an epoch-end save follows the update's own save)."""

@@ -8,6 +8,7 @@ from typing import IO, Any
 
 from trainflow.callbacks._args import optional_path, output_path, positive_int
 from trainflow.callbacks._values import floats
+from trainflow.events import Every
 
 __all__ = ["JSONLLogger"]
 
@@ -15,8 +16,9 @@ __all__ = ["JSONLLogger"]
 class JSONLLogger:
     """Append records to a JSON Lines file, one object per line, easy to load with pandas.
 
-    - every ``every`` updates: ``{"type": "update", "update": n, "epoch": e, "<step>/<loss>": float, ...}``
-      with the latest value of each loss key (read from the device only then);
+    - every ``every`` updates (the filter ``Every(every)`` on ``on_update_end``):
+      ``{"type": "update", "update": n, "epoch": e, "<step>/<loss>": float, ...}`` with the
+      latest value of each loss key (``trainer.latest_losses``, read from the device only then);
     - after each validation: ``{"type": "validation", "update": n, "epoch": e, "val/...": float, ...}``;
     - at each epoch end: ``{"type": "epoch", "update": n, "epoch": e, ...every epoch value}``.
 
@@ -52,7 +54,7 @@ class JSONLLogger:
     def __init__(self, path: str | Path | None = None, every: int = 50) -> None:
         self.path = optional_path("JSONLLogger", "path", path, "metrics.jsonl")
         self.every = positive_int("JSONLLogger", "every", every, "write every N updates", "every=50")
-        self.latest: dict[str, Any] = {}  # key -> the latest detached loss tensor
+        self.event_filters = {"on_update_end": Every(self.every)}
         self._file: IO[str] | None = None
 
     def on_fit_start(self, trainer: Any) -> None:
@@ -61,9 +63,7 @@ class JSONLLogger:
         self._file = open(path, "a", encoding="utf-8")
 
     def on_update_end(self, trainer: Any, step: Any, losses: dict[str, Any]) -> None:
-        self.latest.update(losses)  # the hot path: no read of the values here
-        if trainer.updates % self.every == 0:
-            self._write("update", trainer, floats(self.latest))
+        self._write("update", trainer, floats(trainer.latest_losses))
 
     def on_validation_end(self, trainer: Any, logs: dict[str, float]) -> None:
         self._write("validation", trainer, logs)

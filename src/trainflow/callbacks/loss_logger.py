@@ -7,6 +7,7 @@ from typing import Any
 
 from trainflow.callbacks._args import positive_int
 from trainflow.callbacks._values import floats, fmt
+from trainflow.events import Every
 
 __all__ = ["LossLogger"]
 
@@ -19,10 +20,11 @@ def print_line(values: dict[str, float], updates: int) -> None:
 class LossLogger:
     """Every ``every`` updates, call ``print_func`` with the latest value of each loss key.
 
-    The values are kept as tensors between logging updates and read as floats only then, so
-    a CUDA run waits on the device once per ``every`` updates, not at every update. With
-    several steps (a GAN's ``D`` and ``G``), each key holds the value of its step's latest
-    update.
+    Its ``on_update_end`` is registered with the filter ``Every(every)`` (see
+    :mod:`trainflow.events`): it runs only at those updates, and reads
+    ``trainer.latest_losses``, the tensors the trainer keeps, as floats only then, so a CUDA
+    run waits on the device once per ``every`` updates, not at every update. With several
+    steps (a GAN's ``D`` and ``G``), each key holds the value of its step's latest update.
 
     Args:
         every: log when ``trainer.updates`` is a multiple of this.
@@ -55,13 +57,11 @@ class LossLogger:
                 "Pass e.g. print_func=lambda values: logging.info(values)."
             )
         self.print_func = print_func
-        self.latest: dict[str, Any] = {}  # key -> the latest detached loss tensor
+        self.event_filters = {"on_update_end": Every(self.every)}
 
     def on_update_end(self, trainer: Any, step: Any, losses: dict[str, Any]) -> None:
-        self.latest.update(losses)  # the hot path: no read of the values here
-        if trainer.updates % self.every == 0:
-            values = floats(self.latest)
-            if self.print_func is None:
-                print_line(values, trainer.updates)
-            else:
-                self.print_func(values)
+        values = floats(trainer.latest_losses)
+        if self.print_func is None:
+            print_line(values, trainer.updates)
+        else:
+            self.print_func(values)

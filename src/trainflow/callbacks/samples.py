@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 
 from trainflow.callbacks._args import optional_path, output_path, positive_int
+from trainflow.events import Every
 
 __all__ = ["SampleGrid", "save_grid"]
 
@@ -18,6 +18,18 @@ __all__ = ["SampleGrid", "save_grid"]
 _MIN_CELL = 60
 #: the height of the title band above a grid, in pixels
 _TITLE_BAND = 24
+
+
+def _figure_class() -> Any:
+    """matplotlib's ``Figure``, imported when a grid is drawn: matplotlib is part of the `examples` extra."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            f"SampleGrid and save_grid draw with matplotlib, which could not be imported ({error}). Install it with "
+            '`pip install "trainflow[examples]"` (or `pip install matplotlib`), or drop this callback.'
+        ) from error
+    return Figure
 
 
 def _as_images(images: torch.Tensor, owner: str) -> torch.Tensor:
@@ -74,7 +86,7 @@ def save_grid(
     dpi = 100
     width, height = grid.shape[1] * scale, grid.shape[0] * scale  # pixels
     band = _TITLE_BAND if title else 0
-    fig = Figure(figsize=(width / dpi, (height + band) / dpi), dpi=dpi)
+    fig = _figure_class()(figsize=(width / dpi, (height + band) / dpi), dpi=dpi)
     ax = fig.add_axes((0, 0, 1, height / (height + band)))
     if title:
         # 10 points, smaller when a narrow grid needs it (a character is about 0.6 em wide)
@@ -96,20 +108,25 @@ def _device(module: nn.Module, default: torch.device) -> torch.device:
 
 
 class SampleGrid:
-    """Save ``generator(noise)`` as a PNG grid every ``every`` updates and when ``fit`` ends.
+    """Save ``generator(noise)`` as a PNG grid every N updates or epochs, and when ``fit`` ends.
 
     The noise is fixed (pass it in: draw it once, e.g. from its own ``torch.Generator``), so
     the grids of one run show the same latent points as training goes on. The generator is
     run in eval mode without gradients; every module's train/eval mode is restored afterwards.
-    The files are ``samples_<update>.png`` (``trainer.updates`` when it is a multiple of
-    ``every``) and ``samples.png`` at the end, in the folder of ``path``; each is titled with
-    the update and its epoch, ``samples at update 1,080 (epoch 12)``.
+    The files are ``samples_<update>.png`` (``trainer.updates`` at the save) and ``samples.png``
+    at the end, in the folder of ``path``; each is titled with the update and its epoch,
+    ``samples at update 1,080 (epoch 12)``. The periodic saves are event filters
+    (:mod:`trainflow.events`): ``Every(every)`` on ``on_update_end``, ``Every(every_epochs)``
+    on ``on_epoch_end``.
 
     Args:
         generator: the module that maps ``noise`` to images in ``value_range``: ``(n, C, H, W)``
             (C 1 or 3), ``(n, H, W)`` or flattened square images ``(n, H*W)``.
         noise: the fixed input, ``(n, ...)``; moved to the generator's device when used.
-        every: save a grid every this many updates (all steps counted); None: only at the end.
+        every: save a grid every this many updates (all steps counted), or None.
+        every_epochs: save a grid after every this many epochs, or None (with ``every=None``
+            too: only at the end). A GAN flow's updates per epoch depend on its steps; this
+            does not.
         path: the final PNG (default ``<trainer.out_dir>/samples.png``); periodic grids go
             beside it as ``<stem>_<update>.png``.
         value_range: the pixel values drawn as the ends of the colour scale.
@@ -140,10 +157,12 @@ class SampleGrid:
         noise: torch.Tensor,
         *,
         every: int | None = None,
+        every_epochs: int | None = None,
         path: str | Path | None = None,
         value_range: tuple[float, float] = (0.0, 1.0),
         columns: int | None = None,
     ) -> None:
+        _figure_class()  # matplotlib missing: say so now, not at the first save
         if not isinstance(generator, nn.Module):
             raise TypeError(
                 f"SampleGrid: `generator` must be an nn.Module. Received: generator of type "
@@ -163,6 +182,13 @@ class SampleGrid:
         self.every = None if every is None else positive_int(
             "SampleGrid", "every", every, "save a grid every N updates, or None for the end only", "every=500"
         )
+        self.every_epochs = None if every_epochs is None else positive_int(
+            "SampleGrid", "every_epochs", every_epochs, "save a grid every N epochs, or None", "every_epochs=10"
+        )
+        self.event_filters = {
+            "on_update_end": None if self.every is None else Every(self.every),
+            "on_epoch_end": None if self.every_epochs is None else Every(self.every_epochs),
+        }
         self.path = optional_path("SampleGrid", "path", path, "samples.png")
         numbers = isinstance(value_range, (tuple, list)) and len(value_range) == 2 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value_range
@@ -180,7 +206,7 @@ class SampleGrid:
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.saved: list[Path] = []
         self._final: Path | None = None
-        self._open = False  # whether the latest update's epoch is still running
+        self._started = 0  # the number of the latest epoch that started (counted from 1)
 
     def images(self) -> torch.Tensor:
         """``generator(noise)`` in eval mode without gradients, as ``(n, C, H, W)`` on the CPU."""
@@ -207,21 +233,28 @@ class SampleGrid:
 
     def on_fit_start(self, trainer: Any) -> None:
         self._final = output_path("SampleGrid", "path", self.path, trainer, "samples.png")
-        self._open = trainer.epoch_progress[0] > 0  # resumed inside an epoch
+        self._started = trainer.epoch + (trainer.epoch_progress[0] > 0)  # resumed inside an epoch: that one
         self.images()  # a generator whose output is no image fails here, not at the first save
 
+    def on_epoch_start(self, trainer: Any) -> None:
+        self._started = trainer.epoch + 1  # the coming updates belong to this epoch
+
     def on_update_end(self, trainer: Any, step: Any, losses: dict[str, Any]) -> None:
-        self._open = True  # this update belongs to epoch trainer.epoch + 1, which has not ended yet
-        if self.every is not None and trainer.updates % self.every == 0 and self._final is not None:
-            path = self._final.with_name(f"{self._final.stem}_{trainer.updates}{self._final.suffix}")
-            self.save(path, _title(trainer.updates, trainer.epoch + 1))
+        self._save_periodic(trainer, trainer.epoch + 1)  # the update's epoch has not ended yet
 
     def on_epoch_end(self, trainer: Any, logs: dict[str, float]) -> None:
-        self._open = False
+        self._save_periodic(trainer, trainer.epoch)
+
+    def _save_periodic(self, trainer: Any, epoch: int) -> None:
+        if self._final is None:
+            return
+        path = self._final.with_name(f"{self._final.stem}_{trainer.updates}{self._final.suffix}")
+        if not self.saved or self.saved[-1] != path:  # an epoch that ends on an every-N-updates save
+            self.save(path, _title(trainer.updates, epoch))
 
     def on_fit_end(self, trainer: Any) -> None:
         if self._final is not None:
-            self.save(self._final, _title(trainer.updates, trainer.epoch + self._open))
+            self.save(self._final, _title(trainer.updates, max(trainer.epoch, self._started)))
 
 
 def _title(updates: int, epoch: int) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 from trainflow.callbacks._args import optional_path, output_path, positive_int
 from trainflow.callbacks._values import floats
+from trainflow.events import Every
 
 __all__ = ["TensorBoardLogger"]
 
@@ -16,8 +17,8 @@ class TensorBoardLogger:
 
     The x axis is always ``trainer.updates``, so update and epoch curves line up:
 
-    - every ``every`` updates, the latest value of each loss key, tagged ``update/<step>/<loss>``
-      (read from the device only then);
+    - every ``every`` updates (the filter ``Every(every)`` on ``on_update_end``), the latest
+      value of each loss key, tagged ``update/<step>/<loss>`` (read from the device only then);
     - at each epoch end, every epoch value under its own key (``D/loss`` as the epoch mean,
       ``train/acc``, ``val/acc``...), and the epoch count under the tag ``epoch``.
 
@@ -57,7 +58,7 @@ class TensorBoardLogger:
         self._writer_class = SummaryWriter
         self.log_dir = optional_path("TensorBoardLogger", "log_dir", log_dir, "tensorboard")
         self.every = positive_int("TensorBoardLogger", "every", every, "write every N updates", "every=50")
-        self.latest: dict[str, Any] = {}  # key -> the latest detached loss tensor
+        self.event_filters = {"on_update_end": Every(self.every)}
         self.writer: Any = None  # the SummaryWriter while fit runs
 
     def on_fit_start(self, trainer: Any) -> None:
@@ -67,9 +68,8 @@ class TensorBoardLogger:
         self.writer = self._writer_class(log_dir=str(log_dir))
 
     def on_update_end(self, trainer: Any, step: Any, losses: dict[str, Any]) -> None:
-        self.latest.update(losses)  # the hot path: no read of the values here
-        if trainer.updates % self.every == 0 and self.writer is not None:
-            for key, value in floats(self.latest).items():
+        if self.writer is not None:
+            for key, value in floats(trainer.latest_losses).items():
                 self.writer.add_scalar(f"update/{key}", value, global_step=trainer.updates)
 
     def on_epoch_end(self, trainer: Any, logs: dict[str, float]) -> None:

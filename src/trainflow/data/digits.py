@@ -19,7 +19,13 @@ __all__ = ["digits"]
 @lru_cache(maxsize=1)
 def _arrays() -> tuple[np.ndarray, np.ndarray]:
     """Images scaled to [0, 1] as float32 (n, 64) and labels as int64 (n,), loaded once."""
-    from sklearn.datasets import load_digits
+    try:  # imported here: scikit-learn is part of the `examples` extra
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError(
+            f"trainflow.data.digits needs scikit-learn (its bundled digits dataset), which could not be imported "
+            f"({error}). Install it with `pip install \"trainflow[examples]\"` (or `pip install scikit-learn`)."
+        ) from error
 
     bunch = load_digits()
     images = (bunch.data / 16.0).astype(np.float32)  # pixels are counts 0..16

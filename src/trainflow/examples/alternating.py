@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from trainflow import Step, Trainer
+from trainflow import Step
 from trainflow.callbacks import LossLogger
-from trainflow.examples.artifacts import epochs_or_default, finish, run_callbacks
+from trainflow.examples.artifacts import start, train_and_finish
 from trainflow.examples.two_losses import LR, TaylorNet, real_function_data
 
 __all__ = ["DESCRIPTION", "EPOCHS", "run"]
@@ -32,8 +32,7 @@ def run(
     A checkpoint is saved after every epoch in ``out_dir/checkpoints``; ``resume=True``
     continues from the newest one there (a fresh start when there is none).
     """
-    out_dir, epochs = Path(out_dir), epochs_or_default(epochs, EPOCHS)
-    torch.manual_seed(seed)
+    out_dir, epochs = start(out_dir, epochs, EPOCHS, seed)
     data = real_function_data(seed=seed)
     model = TaylorNet(dim=4)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
@@ -50,11 +49,7 @@ def run(
     logger = LossLogger(
         every=25, print_func=lambda x: print(f"L1 Loss: {x['l1/loss']:.4f}  MSE Loss: {x['mse/loss']:.4f}")
     )
-    trainer = Trainer(
-        model,
-        [Step(mse, optimizer, name="mse"), Step(l1, optimizer, name="l1")],
-        callbacks=run_callbacks(progress, logger),
-        out_dir=out_dir,
+    return train_and_finish(
+        out_dir, model, [Step(mse, optimizer, name="mse"), Step(l1, optimizer, name="l1")], data,
+        epochs=epochs, progress=progress, resume=resume, callbacks=(logger,),
     )
-    trainer.fit(data, epochs=epochs, resume="latest" if resume else None)
-    return finish(out_dir, trainer)

@@ -18,10 +18,12 @@ from rich.console import Console
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-from trainflow.callbacks import Checkpoint, CSVLogger, ProgressBar
+from trainflow.callbacks import Checkpoint, CSVLogger, Preemption, ProgressBar
 from trainflow.trainer import Trainer
 
-__all__ = ["curves_figure", "epochs_or_default", "finish", "is_loss", "plot_curves", "save_weights"]
+__all__ = [
+    "curves_figure", "epochs_or_default", "finish", "is_loss", "plot_curves", "save_weights", "start", "train_and_finish",
+]
 
 #: columns that CSVLogger writes before the epoch values; not curves
 _BOOKKEEPING = ("epoch", "updates", "seconds")
@@ -229,11 +231,12 @@ def run_callbacks(progress: bool, *extra: Any, first: tuple[Any, ...] = ()) -> l
     """The callbacks every example uses, in the order that matters.
 
     ``first`` (callbacks that add epoch values the loggers must see), then CSVLogger, then
-    Checkpoint (after it, so a checkpoint holds the CSV rows), then ``extra``, then a progress
-    bar (when ``progress`` is False, only its one line per epoch).
+    Checkpoint (after it, so a checkpoint holds the CSV rows), then Preemption (SIGTERM or
+    Ctrl-C: a checkpoint at the next update boundary and a clean exit), then ``extra``, then a
+    progress bar (when ``progress`` is False, only its one line per epoch).
     """
     bar = ProgressBar() if progress else ProgressBar(console=Console(force_terminal=False))
-    return [*first, CSVLogger(), Checkpoint(every_epochs=1), *extra, bar]
+    return [*first, CSVLogger(), Checkpoint(every_epochs=1), Preemption(), *extra, bar]
 
 
 def interrupted(trainer: Trainer) -> bool:
@@ -252,3 +255,64 @@ def finish(out_dir: str | Path, trainer: Trainer) -> dict[str, float]:
     plot_curves(out_dir / "metrics.csv", out_dir / "curves.png")
     save_weights(trainer.models, out_dir / "weights.pt")
     return dict(trainer.logs)
+
+
+def start(out_dir: str | Path, epochs: int | None, default: int, seed: int) -> tuple[Path, int]:
+    """An example's ``run()`` opening: the output folder, the epoch count, and the global seed set.
+
+    Example:
+        >>> import torch
+        >>> out_dir, epochs = start("runs/mlp", None, 20, seed=0)
+        >>> out_dir, epochs, torch.initial_seed()
+        (PosixPath('runs/mlp'), 20, 0)
+    """
+    epochs = epochs_or_default(epochs, default)
+    torch.manual_seed(seed)
+    return Path(out_dir), epochs
+
+
+def train_and_finish(
+    out_dir: Path,
+    models: nn.Module | Mapping[str, nn.Module],
+    steps: Any,
+    data: Any,
+    *,
+    epochs: int,
+    progress: bool,
+    resume: bool,
+    callbacks: tuple[Any, ...] = (),
+    first: tuple[Any, ...] = (),
+    metrics: Mapping[str, Any] | None = None,
+    after: Any = None,
+    **fit: Any,
+) -> dict[str, float]:
+    """An example's ``run()`` closing: train with the examples' callbacks, then write the artifacts.
+
+    Builds the ``Trainer`` with :func:`run_callbacks` (``first``, CSVLogger, Checkpoint,
+    Preemption, ``callbacks``, a progress bar), fits ``data`` (``resume=True``: from the newest
+    checkpoint in ``out_dir/checkpoints``; ``fit`` takes the other keywords, e.g. ``val_data``),
+    then, unless a signal stopped the run, calls ``after(trainer)`` (an example's own
+    artifacts) and :func:`finish`. Returns the last epoch's logs.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from rich.console import Console
+        >>> from trainflow import Step
+        >>> model = torch.nn.Linear(2, 1)
+        >>> step = Step(lambda x: model(x).pow(2).mean(), torch.optim.SGD(model.parameters(), lr=0.1), name="l2")
+        >>> out = Path(tempfile.mkdtemp())
+        >>> logs = train_and_finish(out, model, step, [torch.ones(4, 2)] * 3, epochs=2, progress=False, resume=False)
+        ... # doctest: +ELLIPSIS
+        epoch 1/2 ...
+        epoch 2/2 ...
+        >>> sorted(logs), sorted(p.name for p in out.iterdir())
+        (['l2/loss'], ['checkpoints', 'curves.png', 'metrics.csv', 'weights.pt'])
+    """
+    trainer = Trainer(
+        models, steps, metrics=metrics, callbacks=run_callbacks(progress, *callbacks, first=first), out_dir=out_dir
+    )
+    trainer.fit(data, epochs=epochs, resume="latest" if resume else None, **fit)
+    if after is not None and not interrupted(trainer):
+        after(trainer)
+    return finish(out_dir, trainer)

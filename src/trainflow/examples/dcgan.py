@@ -33,10 +33,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from trainflow import Step, Trainer
+from trainflow import Step
 from trainflow.callbacks import SampleGrid
 from trainflow.data import digits
-from trainflow.examples.artifacts import epochs_or_default, finish, run_callbacks
+from trainflow.examples.artifacts import start, train_and_finish
 from trainflow.examples.quality import SampleQuality, digits_classifier
 
 __all__ = ["DESCRIPTION", "EPOCHS", "WeightAverage", "build_discriminator", "build_generator", "run"]
@@ -118,9 +118,8 @@ def run(
     A checkpoint is saved after every epoch in ``out_dir/checkpoints``; ``resume=True``
     continues from the newest one there (a fresh start when there is none).
     """
-    out_dir, epochs = Path(out_dir), epochs_or_default(epochs, EPOCHS)
-    classifier = digits_classifier(out_dir, progress=progress)  # the fixed yardstick, seed 0, own RNG
-    torch.manual_seed(seed)
+    out_dir, epochs = start(out_dir, epochs, EPOCHS, seed)
+    classifier = digits_classifier(out_dir, progress=progress)  # the fixed yardstick, seed 0, own (forked) RNG
     train, _ = digits(batch_size=BATCH, flatten=False, seed=seed)
     generator, discriminator = build_generator(), build_discriminator()
     g_ema = build_generator().requires_grad_(False)
@@ -146,17 +145,11 @@ def run(
     fixed = torch.Generator().manual_seed(seed)
     grid_noise = torch.randn(64, LATENT, generator=fixed)
     quality_noise = torch.randn(QUALITY_SAMPLES, LATENT, generator=fixed)
-    callbacks = run_callbacks(
-        progress,
-        SampleGrid(g_ema, grid_noise, every=SAMPLE_EVERY_EPOCHS * 2 * len(train)),
+    return train_and_finish(
+        out_dir, {"G": generator, "D": discriminator, "G_ema": g_ema},
+        [Step(d_loss, d_opt, name="D"), Step(g_loss, g_opt, name="G", batch="same")], train,
+        epochs=epochs, progress=progress, resume=resume,
+        callbacks=(SampleGrid(g_ema, grid_noise, every_epochs=SAMPLE_EVERY_EPOCHS),),
         # before the loggers, so that they see the quality values
         first=(WeightAverage(generator, g_ema, step="G", decay=EMA_DECAY), SampleQuality(g_ema, classifier, quality_noise)),
     )
-    trainer = Trainer(
-        {"G": generator, "D": discriminator, "G_ema": g_ema},
-        [Step(d_loss, d_opt, name="D"), Step(g_loss, g_opt, name="G", batch="same")],
-        callbacks=callbacks,
-        out_dir=out_dir,
-    )
-    trainer.fit(train, epochs=epochs, resume="latest" if resume else None)
-    return finish(out_dir, trainer)

@@ -15,9 +15,9 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.nn import functional as F
 
-from trainflow import Step, Trainer
+from trainflow import Step
 from trainflow.data import digits
-from trainflow.examples.artifacts import epochs_or_default, finish, interrupted, run_callbacks
+from trainflow.examples.artifacts import start, train_and_finish
 
 __all__ = ["DESCRIPTION", "EPOCHS", "run", "save_samples"]
 
@@ -67,8 +67,7 @@ def run(
     A checkpoint is saved after every epoch in ``out_dir/checkpoints``; ``resume=True``
     continues from the newest one there (a fresh start when there is none).
     """
-    out_dir, epochs = Path(out_dir), epochs_or_default(epochs, EPOCHS)
-    torch.manual_seed(seed)
+    out_dir, epochs = start(out_dir, epochs, EPOCHS, seed)
     train, _ = digits(batch_size=64, seed=seed)
     generator = nn.Sequential(nn.Linear(LATENT, 128), nn.LeakyReLU(0.2), nn.Linear(128, 64), nn.Sigmoid())
     discriminator = nn.Sequential(nn.Linear(64, 128), nn.LeakyReLU(0.2), nn.Linear(128, 1))
@@ -89,16 +88,13 @@ def run(
         fake = generator(torch.randn(len(real), LATENT, device=real.device))
         return F.binary_cross_entropy_with_logits(discriminator(fake), torch.zeros(len(real), 1, device=real.device))
 
-    trainer = Trainer(
-        {"G": generator, "D": discriminator},
-        [Step(d_loss, d_opt, name="D", repeat=3), Step(g_loss, g_opt, name="G")],
-        callbacks=run_callbacks(progress),
-        out_dir=out_dir,
+    def samples(trainer):
+        # the same noise for every run of a seed, drawn from its own generator (not the global RNG)
+        noise = torch.randn(64, LATENT, generator=torch.Generator().manual_seed(seed)).to(trainer.device)
+        save_samples(generator, noise, out_dir / "samples.png")
+
+    return train_and_finish(
+        out_dir, {"G": generator, "D": discriminator},
+        [Step(d_loss, d_opt, name="D", repeat=3), Step(g_loss, g_opt, name="G")], train,
+        epochs=epochs, progress=progress, resume=resume, after=samples,
     )
-    trainer.fit(train, epochs=epochs, resume="latest" if resume else None)
-    if interrupted(trainer):
-        return dict(trainer.logs)
-    # the same noise for every run of a seed, drawn from its own generator (not the global RNG)
-    noise = torch.randn(64, LATENT, generator=torch.Generator().manual_seed(seed)).to(trainer.device)
-    save_samples(generator, noise, out_dir / "samples.png")
-    return finish(out_dir, trainer)

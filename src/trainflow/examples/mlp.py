@@ -14,9 +14,9 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from trainflow import Step, Trainer
+from trainflow import Step
 from trainflow.data import digits
-from trainflow.examples.artifacts import epochs_or_default, finish, run_callbacks
+from trainflow.examples.artifacts import start, train_and_finish
 
 __all__ = ["DESCRIPTION", "EPOCHS", "run"]
 
@@ -33,8 +33,7 @@ def run(
     A checkpoint is saved after every epoch in ``out_dir/checkpoints``; ``resume=True``
     continues from the newest one there (a fresh start when there is none).
     """
-    out_dir, epochs = Path(out_dir), epochs_or_default(epochs, EPOCHS)
-    torch.manual_seed(seed)
+    out_dir, epochs = start(out_dir, epochs, EPOCHS, seed)
     train, val = digits(batch_size=64, seed=seed)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     # The seed's lr=1e-3 suits 60,000 MNIST images; 1,438 digits need larger steps to converge in seconds.
@@ -55,12 +54,8 @@ def run(
         val_acc.update(logits, y)
         return F.cross_entropy(logits, y)
 
-    trainer = Trainer(
-        model,
-        Step(train_loss, optimizer, name="train"),  # logs "train/loss" beside "train/acc"
-        metrics={"train/acc": train_acc, "val/acc": val_acc},
-        callbacks=run_callbacks(progress),
-        out_dir=out_dir,
+    return train_and_finish(
+        out_dir, model, Step(train_loss, optimizer, name="train"), train,  # logs "train/loss" beside "train/acc"
+        epochs=epochs, progress=progress, resume=resume,
+        metrics={"train/acc": train_acc, "val/acc": val_acc}, val_data=val, val_step=val_step,
     )
-    trainer.fit(train, epochs=epochs, val_data=val, val_step=val_step, resume="latest" if resume else None)
-    return finish(out_dir, trainer)

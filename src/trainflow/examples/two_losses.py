@@ -15,9 +15,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainflow import Step, Trainer
+from trainflow import Step
 from trainflow.callbacks import LossLogger
-from trainflow.examples.artifacts import epochs_or_default, finish, run_callbacks
+from trainflow.examples.artifacts import start, train_and_finish
 
 __all__ = ["DESCRIPTION", "EPOCHS", "LR", "TaylorNet", "real_function_data", "run"]
 
@@ -69,8 +69,7 @@ def run(
     A checkpoint is saved after every epoch in ``out_dir/checkpoints``; ``resume=True``
     continues from the newest one there (a fresh start when there is none).
     """
-    out_dir, epochs = Path(out_dir), epochs_or_default(epochs, EPOCHS)
-    torch.manual_seed(seed)
+    out_dir, epochs = start(out_dir, epochs, EPOCHS, seed)
     data = real_function_data(seed=seed)
     model = TaylorNet(dim=4)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
@@ -82,11 +81,7 @@ def run(
 
     # the seed's print_func: the sum of the two losses
     logger = LossLogger(every=25, print_func=lambda x: print(f"Train Loss: {x['loss/mse'] + x['loss/l1']:.4f}"))
-    trainer = Trainer(
-        model,
-        Step(both, optimizer, name="loss"),  # logs "loss/mse" and "loss/l1"
-        callbacks=run_callbacks(progress, logger),
-        out_dir=out_dir,
+    return train_and_finish(
+        out_dir, model, Step(both, optimizer, name="loss"), data,  # logs "loss/mse" and "loss/l1"
+        epochs=epochs, progress=progress, resume=resume, callbacks=(logger,),
     )
-    trainer.fit(data, epochs=epochs, resume="latest" if resume else None)
-    return finish(out_dir, trainer)

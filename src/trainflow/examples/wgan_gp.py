@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainflow import Step, Trainer
+from trainflow import Step
 from trainflow.callbacks import SampleGrid
 from trainflow.data import digits
-from trainflow.examples.artifacts import epochs_or_default, finish, run_callbacks
+from trainflow.examples.artifacts import start, train_and_finish
 from trainflow.examples.dcgan import LATENT, build_discriminator, build_generator
 from trainflow.examples.quality import SampleQuality, digits_classifier
 
@@ -100,9 +100,8 @@ def run(
     A checkpoint is saved after every epoch in ``out_dir/checkpoints``; ``resume=True``
     continues from the newest one there (a fresh start when there is none).
     """
-    out_dir, epochs = Path(out_dir), epochs_or_default(epochs, EPOCHS)
-    classifier = digits_classifier(out_dir, progress=progress)  # the fixed yardstick, seed 0, own RNG
-    torch.manual_seed(seed)
+    out_dir, epochs = start(out_dir, epochs, EPOCHS, seed)
+    classifier = digits_classifier(out_dir, progress=progress)  # the fixed yardstick, seed 0, own (forked) RNG
     train, _ = digits(batch_size=BATCH, flatten=False, seed=seed)
     generator, critic = build_generator(), build_critic()
     optimizer_d = torch.optim.Adam(critic.parameters(), lr=2e-4, betas=(0.5, 0.9))
@@ -118,16 +117,10 @@ def run(
     fixed = torch.Generator().manual_seed(seed)  # fixed noise from its own generator: comparable epochs
     grid_noise = torch.randn(64, LATENT, generator=fixed)
     quality_noise = torch.randn(QUALITY_SAMPLES, LATENT, generator=fixed)
-    callbacks = run_callbacks(
-        progress,
-        SampleGrid(generator, grid_noise, every=SAMPLE_EVERY_EPOCHS * len(train) * (N_CRITIC + 1) // N_CRITIC),
+    return train_and_finish(
+        out_dir, {"G": generator, "D": critic},
+        [Step(losses_d, optimizer_d, name="D", repeat=N_CRITIC), Step(losses_g, optimizer_g, name="G", batch="same")],
+        train, epochs=epochs, progress=progress, resume=resume,
+        callbacks=(SampleGrid(generator, grid_noise, every_epochs=SAMPLE_EVERY_EPOCHS),),
         first=(SampleQuality(generator, classifier, quality_noise),),  # before the loggers: they see its values
     )
-    trainer = Trainer(
-        {"G": generator, "D": critic},
-        [Step(losses_d, optimizer_d, name="D", repeat=N_CRITIC), Step(losses_g, optimizer_g, name="G", batch="same")],
-        callbacks=callbacks,
-        out_dir=out_dir,
-    )
-    trainer.fit(train, epochs=epochs, resume="latest" if resume else None)
-    return finish(out_dir, trainer)

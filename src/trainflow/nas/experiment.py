@@ -753,7 +753,15 @@ class Experiment:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         records = self.trials()
         write_csv(self.out_dir / "trials.csv", records, list(self.search_space), self.objective_names)
-        write_history(self.out_dir / "history.png", records, self.objective_names, self.directions)
+        try:
+            write_history(self.out_dir / "history.png", records, self.objective_names, self.directions)
+        except ImportError as error:  # matplotlib is part of the `examples` extra
+            warnings.warn(
+                f"Experiment: history.png needs matplotlib, which could not be imported ({error}); trials.csv "
+                'holds the same values. Install it with `pip install "trainflow[examples]"` (or `pip install matplotlib`).',
+                UserWarning,
+                stacklevel=2,
+            )
         if len(self.directions) == 1 and self._ranked():
             (self.out_dir / "best_arch.json").write_text(json.dumps(self.best().architecture, indent=2) + "\n")
         elif len(self.directions) > 1:
