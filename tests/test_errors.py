@@ -391,3 +391,41 @@ def test_microbatch_without_tensors(model, opt):
                       device="cpu")
     with pytest.raises(ValueError, match=r"Step 'fit': cannot infer how many samples the batch holds.*trainflow.Average"):
         trainer.fit(data, epochs=1)
+
+
+@pytest.mark.parametrize("name", ["train", "val"])
+def test_a_step_may_not_log_under_the_metrics_or_validation_namespace(opt, name):
+    with pytest.raises(ValueError, match=rf"^Step: the name '{name}' is reserved: 'train/\.\.\.' and 'val/\.\.\.' are "
+                                         rf"the log keys of the training metrics and of validation, which the step's "
+                                         rf"'{name}/<loss>' keys would overwrite or be overwritten by\. Received: "
+                                         rf"name='{name}'\. Pass another name=, e.g\. name='fit'\.$"):
+        Step(lambda b: b, opt, name=name)
+    with pytest.raises(ValueError, match=rf"reserved.*Received: name='{name}'\."):
+        Step.custom(lambda b, ctx: None, opt, name=name)
+
+
+def test_a_loss_function_named_val_needs_a_step_name(opt):
+    def val(batch):
+        return batch
+
+    with pytest.raises(ValueError, match=r"the name 'val' is reserved.*Received: name=None, so the function's name "
+                                         r"'val'\. Pass another name="):
+        Step(val, opt)
+    with pytest.raises(ValueError, match=r"the name 'val' is reserved.*Received: name=None, so the function's name"):
+        Step.custom(_custom_named_val(), opt)
+    assert Step(val, opt, name="check").name == "check"
+
+
+def _custom_named_val():
+    def val(batch, ctx):
+        ctx.step()
+
+    return val
+
+
+def test_the_same_step_twice_in_a_flow(model, opt):
+    step = Step(lambda b: b, opt)
+    with pytest.raises(ValueError, match=r"^Trainer: steps 0 and 1 are the same Step object\. Received: "
+                                         r"Step\(None, \[SGD\]\) twice\. For more updates of it per cycle use "
+                                         r"Step\(\.\.\., repeat=n\)"):
+        Trainer(model, [step, step])

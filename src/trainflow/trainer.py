@@ -29,6 +29,10 @@ from trainflow.update import NONFINITE_POLICIES, StepRunner
 
 __all__ = ["Trainer"]
 
+#: the loop state that a loaded run keeps until fit opens the data (where each stream was, the RNG)
+_PENDING = ("in_epoch", "streams", "dataset_rng", "last_stream", "last_batches", "stop_reason", "rng")
+
+
 class Trainer:
     """Runs a flow of optimizer steps over data, with metrics and callbacks.
 
@@ -459,7 +463,7 @@ class Trainer:
         self._run_state().load_state_dict(state)
 
     def _loop_state(self) -> dict[str, Any]:
-        return {
+        state = {
             "epoch": self.epoch,
             "updates": self.updates,
             "skipped": self.skipped,
@@ -478,6 +482,9 @@ class Trainer:
             else self.stop_reason or "requested",
             "rng": rng.capture(),
         }
+        if self._resume_loop is not None:  # loaded, not yet applied by fit: where the loaded run was
+            state.update({k: v for k, v in self._resume_loop.items() if k in _PENDING})
+        return state
 
     def _load_loop(self, loop: Mapping[str, Any]) -> None:
         self.epoch = int(loop["epoch"])

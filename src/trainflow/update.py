@@ -275,12 +275,15 @@ class StepRunner:
 
     # ---------------------------------------------------------------- applying the gradients
 
-    def step_optimizers(self, optimizers: Sequence[torch.optim.Optimizer], params: list[torch.Tensor]) -> None:
-        """Unscale (float16), clip ``params``' gradient norm when the step clips, step ``optimizers``."""
+    def step_optimizers(
+        self, optimizers: Sequence[torch.optim.Optimizer], params: list[torch.Tensor] | None = None
+    ) -> None:
+        """Unscale (float16), clip the gradient norm of ``params`` (default: the step's trainable
+        ones) when the step clips, step ``optimizers``."""
         if self.step.clip_grad_norm is not None:
             for opt in optimizers:
                 self.precision.unscale(opt)
-            torch.nn.utils.clip_grad_norm_(params, self.step.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.trainable() if params is None else params, self.step.clip_grad_norm)
         scaler = self.precision.scaler
         if scaler is None:
             for opt in optimizers:
@@ -292,7 +295,7 @@ class StepRunner:
     def finish(self, stepped: bool, complete: bool) -> None:
         """End of an update: adjust the loss scale when an optimizer ``stepped``; step the
         per-update schedules when the update is ``complete`` (not dropped)."""
-        if stepped:
+        if stepped and self.precision.scaler is not None:
             self.precision.update()
         if complete:
             for schedule in self.update_schedules:
@@ -327,6 +330,6 @@ def declarative_update(
     if not runner.decide([loss], runner.params, values, updates):
         runner.zero_grad()
         return values, False
-    runner.step_optimizers(runner.step.optimizers, runner.trainable())
+    runner.step_optimizers(runner.step.optimizers)
     runner.finish(True, True)
     return values, True
