@@ -14,8 +14,8 @@ from trainflow.schedules import Schedule
 __all__ = ["Step"]
 
 BATCH_MODES = ("next", "same")
-#: log namespaces of the training metrics and of validation: no step may log under them
-RESERVED_NAMES = ("train", "val")
+#: validation's log namespace: no step may log under it
+RESERVED_NAMES = ("val",)
 PARTIAL_WINDOWS = ("apply", "drop")
 
 
@@ -98,13 +98,13 @@ def _check_arity(fn: Callable, what: str, args: tuple[str, ...], fix: str) -> No
 
 
 def _check_reserved(chosen: str | None, name: str | None) -> None:
-    """A step's logs are keyed ``"<step>/<loss>"``: ``train/`` and ``val/`` belong to the metrics and validation."""
+    """A step's logs are keyed ``"<step>/<loss>"``: ``val/`` belongs to validation."""
     if chosen in RESERVED_NAMES:
         given = f"name={name!r}" if name is not None else f"name=None, so the function's name {chosen!r}"
         raise ValueError(
-            f"Step: the name {chosen!r} is reserved: 'train/...' and 'val/...' are the log keys of the training "
-            f"metrics and of validation, which the step's '{chosen}/<loss>' keys would overwrite or be "
-            f"overwritten by. Received: {given}. Pass another name=, e.g. name='fit'."
+            f"Step: the name {chosen!r} is reserved: 'val/...' are the log keys of validation, which the "
+            f"step's '{chosen}/<loss>' epoch means would overwrite or be overwritten by. Received: {given}. "
+            "Pass another name=, e.g. name='fit'."
         )
 
 
@@ -125,8 +125,8 @@ class Step:
             :class:`trainflow.Average`, or a dict of named such values that are summed.
         optimizer: a ``torch.optim.Optimizer`` or a list of them, stepped together.
         name: the step's name in logs, ``describe()`` and checkpoints (default: the loss
-            function's name, else ``step<i>``, its place in the flow). Not ``"train"`` or
-            ``"val"``: those are the log namespaces of the training metrics and of validation.
+            function's name, else ``step<i>``, its place in the flow). Not ``"val"``: that
+            is validation's log namespace.
         repeat: consecutive updates of this step in each cycle of the flow (GAN: ``repeat=3``).
         batch: ``"next"`` takes a fresh batch for each update; ``"same"`` reuses the batch the
             previous update used.
