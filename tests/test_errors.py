@@ -391,3 +391,40 @@ def test_microbatch_without_tensors(model, opt):
                       device="cpu")
     with pytest.raises(ValueError, match=r"Step 'fit': cannot infer how many samples the batch holds.*trainflow.Average"):
         trainer.fit(data, epochs=1)
+
+
+def test_a_step_may_not_log_under_the_validation_namespace(opt):
+    with pytest.raises(ValueError, match=r"^Step: the name 'val' is reserved: 'val/\.\.\.' are the log keys of "
+                                         r"validation, which the step's 'val/<loss>' epoch means would overwrite or "
+                                         r"be overwritten by\. Received: name='val'\. Pass another name=, e\.g\. "
+                                         r"name='fit'\.$"):
+        Step(lambda b: b, opt, name="val")
+    with pytest.raises(ValueError, match=r"reserved.*Received: name='val'\."):
+        Step.custom(lambda b, ctx: None, opt, name="val")
+
+
+def test_a_loss_function_named_val_needs_a_step_name(opt):
+    def val(batch):
+        return batch
+
+    with pytest.raises(ValueError, match=r"the name 'val' is reserved.*Received: name=None, so the function's name "
+                                         r"'val'\. Pass another name="):
+        Step(val, opt)
+    with pytest.raises(ValueError, match=r"the name 'val' is reserved.*Received: name=None, so the function's name"):
+        Step.custom(_custom_named_val(), opt)
+    assert Step(val, opt, name="check").name == "check"
+
+
+def _custom_named_val():
+    def val(batch, ctx):
+        ctx.step()
+
+    return val
+
+
+def test_the_same_step_twice_in_a_flow(model, opt):
+    step = Step(lambda b: b, opt)
+    with pytest.raises(ValueError, match=r"^Trainer: steps 0 and 1 are the same Step object\. Received: "
+                                         r"Step\(None, \[SGD\]\) twice\. For more updates of it per cycle use "
+                                         r"Step\(\.\.\., repeat=n\)"):
+        Trainer(model, [step, step])

@@ -16,7 +16,7 @@ from trainflow.examples.artifacts import curves_figure, epochs_or_default, is_lo
 
 #: example -> (the log keys of an epoch, the models in weights.pt, the extra artifacts)
 EXPECTED = {
-    "mlp": ({"train/loss", "train/acc", "val/loss", "val/acc"}, {"model"}, ()),
+    "mlp": ({"fit/loss", "train/acc", "val/loss", "val/acc"}, {"model"}, ()),
     "two-losses": ({"loss/mse", "loss/l1"}, {"model"}, ()),
     "alternating": ({"mse/loss", "l1/loss"}, {"model"}, ()),
     "gan": ({"D/loss", "G/loss"}, {"G", "D"}, ("samples.png",)),

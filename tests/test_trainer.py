@@ -622,3 +622,20 @@ def test_fit_with_nothing_to_do_says_so_and_how_to_train_further(limits, match):
 
 def assert_same_weights_dict(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_flow_names_a_nameless_step_by_its_place_without_renaming_the_users_step():
+    """A Step without a name is ``step<i>`` in each flow it is in; the user's object keeps ``name=None``."""
+    model = nn.Linear(3, 1)
+    opt_a = torch.optim.SGD(model.parameters(), lr=0.1)
+    shared = Step(lambda b: model(b[0]).pow(2).mean(), opt_a)
+    first = Trainer(model, [shared], device="cpu")
+    other = Step(lambda b: model(b[0]).abs().mean(), torch.optim.SGD(model.parameters(), lr=0.1), name="other")
+    second = Trainer(model, [other, shared], device="cpu")
+    assert shared.name is None
+    assert [s.name for s in first.flow.steps] == ["step0"] and [s.name for s in second.flow.steps] == ["other", "step1"]
+    data = [(torch.randn(4, 3),)] * 2
+    second.fit(data, epochs=1)
+    assert sorted(second.logs) == ["other/loss", "step1/loss"]
+    first.fit(data, epochs=1)
+    assert sorted(first.logs) == ["step0/loss"]

@@ -16,16 +16,15 @@ counts in ``trainer.skipped`` and its values are not averaged into the epoch's m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainflow.losses import no_grad_message, unreached_message
+from trainflow.losses import collect_added, parse_loss, unreached_message
 
 if TYPE_CHECKING:
-    from trainflow.precision import Precision
-    from trainflow.step import Step
+    from trainflow.update import StepRunner
 
 __all__ = ["UpdateContext"]
 
@@ -59,74 +58,58 @@ class UpdateContext:
         (['gan/d_loss', 'gan/g_loss'], 3)
     """
 
-    def __init__(
-        self,
-        step: Step,
-        precision: Precision,
-        params: dict[int, list[torch.Tensor]],
-        finite: Callable[[list[torch.Tensor], Iterable[torch.Tensor]], bool] | None = None,
-    ) -> None:
-        self._step = step
-        self.name = step.name
-        self.optimizers: tuple[torch.optim.Optimizer, ...] = step.optimizers
-        self._precision = precision
-        self._params = params  # id(optimizer) -> its parameters
+    def __init__(self, runner: StepRunner, updates: int) -> None:
+        self._runner = runner
+        self._updates = updates
+        self.name = runner.step.name
+        self.optimizers: tuple[torch.optim.Optimizer, ...] = runner.step.optimizers
         self.stepped = 0
         self.applied = 0  # steps that changed something (not dropped for a non-finite value)
         self.dropped = False
-        self._finite = finite  # set under on_nonfinite="skip"/"stop": checked before each step
         self._losses: list[torch.Tensor] = []  # differentiated since the last step
         self._aux: list[torch.Tensor] = []
-        self.aux_taken = True
 
     def _chosen(self, optimizer: torch.optim.Optimizer | None) -> Sequence[torch.optim.Optimizer]:
         if optimizer is None:
             return self.optimizers
         if all(optimizer is not opt for opt in self.optimizers):
             raise ValueError(
-                f"Step {self._step.name!r}: the optimizer passed to ctx is not one of this step's optimizers. "
+                f"Step {self.name!r}: the optimizer passed to ctx is not one of this step's optimizers. "
                 f"Received: an optimizer of type {type(optimizer).__name__}; the step has "
                 f"{[type(o).__name__ for o in self.optimizers]}. Give it to Step.custom(..., [opts]) too."
             )
         return (optimizer,)
 
+    def _params(self, chosen: Sequence[torch.optim.Optimizer]) -> list[torch.Tensor]:
+        return [p for opt in chosen for p in self._runner.by_optimizer[id(opt)]]
+
     def zero_grad(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Clear the gradients of ``optimizer``'s parameters (default: all the step's)."""
-        for opt in self._chosen(optimizer):
-            opt.zero_grad(set_to_none=True)
+        self._runner.zero_grad(self._chosen(optimizer))
 
     def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Differentiate ``loss`` into ``optimizer``'s parameters only (default: all the step's)."""
-        params = [
-            p for opt in self._chosen(optimizer) for p in self._params[id(opt)] if p.requires_grad
-        ]
-        if not loss.requires_grad:
-            raise ValueError(no_grad_message(self.name))
-        self._precision.scale(loss).backward(inputs=params)
+        params = [p for p in self._params(self._chosen(optimizer)) if p.requires_grad]
+        self._runner.backward(loss, params)
         if params and all(p.grad is None for p in params):
             raise ValueError(unreached_message(self.name))
-        if self._finite is not None:
-            self._losses.append(loss.detach())
+        self._losses.append(loss.detach())
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Step ``optimizer`` (default: all the step's), clipping first if the step clips."""
+        """Step ``optimizer`` (default: all the step's), clipping first if the step clips.
+
+        Under ``on_nonfinite="skip"``/``"stop"`` it first decides: a non-finite loss given to
+        ``backward`` since the last step, or gradient, drops this step and the call's later ones.
+        """
         chosen = self._chosen(optimizer)
+        params = self._params(chosen)
         self.stepped += 1
-        if self._finite is not None:
-            params = [p for opt in chosen for p in self._params[id(opt)]]
-            losses, self._losses = self._losses, []
-            if self.dropped or not self._finite(losses, params):
-                self.dropped = True  # this step and the call's later ones step nothing
-                for p in params:
-                    p.grad = None
-                return
-        if self._step.clip_grad_norm is not None:
-            for opt in chosen:
-                self._precision.unscale(opt)
-            params = [p for opt in chosen for p in self._params[id(opt)]]
-            torch.nn.utils.clip_grad_norm_(params, self._step.clip_grad_norm)
-        for opt in chosen:
-            self._precision.step(opt)
+        losses, self._losses = self._losses, []
+        if self.dropped or not self._runner.decide(losses, params, None, self._updates):
+            self.dropped = True  # this step and the call's later ones step nothing
+            self._runner.zero_grad(chosen)
+            return
+        self._runner.step_optimizers(chosen, params)
         self.applied += 1
 
     def minimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -138,7 +121,6 @@ class UpdateContext:
     def aux_loss(self) -> torch.Tensor | float:
         """The sum of the ``add_loss`` values collected since the last call (0.0 if none)."""
         values, self._aux[:] = list(self._aux), []
-        self.aux_taken = True
         if not values:
             return 0.0
         total = values[0]
@@ -192,3 +174,40 @@ def check_result(out: Any, step: str) -> dict[str, Any]:
             "Return e.g. {'d_loss': d_loss, 'g_loss': g_loss}."
         )
     return out
+
+
+def custom_update(
+    update: Callable[[Any, UpdateContext], Any], outsiders: list[tuple[str, torch.Tensor]]
+) -> Callable[[StepRunner, Sequence[Any], int], tuple[dict[str, torch.Tensor], bool]]:
+    """The update function of ``Step.custom(update, ...)``, under the contract of
+    :func:`trainflow.update.declarative_update`: ``update(batch, ctx)`` runs with an
+    :class:`UpdateContext`, and the parameters ``outsiders`` (the models' others) are watched.
+    """
+    guard = Guard(outsiders)
+
+    def run(runner: StepRunner, batches: Sequence[Any], updates: int) -> tuple[dict[str, torch.Tensor], bool]:
+        name = runner.step.name
+        ctx = UpdateContext(runner, updates)
+        guard.arm()
+        with runner.precision.autocast():
+            out, _ = collect_added(update, batches[0], ctx, into=ctx._aux)
+        if ctx._aux:
+            raise ValueError(
+                f"Step {name!r}: modules called add_loss during this custom update, but the update never "
+                "took those values. Add ctx.aux_loss() to the loss it differentiates."
+            )
+        if not ctx.stepped:
+            raise ValueError(
+                f"Step {name!r}: the custom update returned without stepping an optimizer, so the update "
+                "changed nothing. Call ctx.minimize(loss, opt) or ctx.step(opt) in it."
+            )
+        guard.check(name)
+        values = runner.values(parse_loss(check_result(out, name), name)) if out is not None else {}
+        if ctx.dropped:  # a ctx.step met a non-finite value and stepped nothing from there on
+            runner.zero_grad()
+        runner.finish(bool(ctx.applied), not ctx.dropped)
+        if not ctx.dropped:  # under on_nonfinite="raise" it has stepped already: report only
+            runner.decide([], (), values, updates)
+        return values, not ctx.dropped
+
+    return run

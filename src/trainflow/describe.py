@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import io
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -11,10 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from trainflow.params import KEEP_EVAL, _named_modules
-
 if TYPE_CHECKING:
-    from trainflow.trainer import Trainer
+    from trainflow.flow import Flow
 
 __all__ = ["describe"]
 
@@ -82,8 +81,15 @@ def _count(n: int) -> str:
     return f"{n:,}"
 
 
-def describe(trainer: Trainer, *, all_hyperparameters: bool = False) -> str:
-    """Render ``trainer``'s plan: one row per parameter group of every step's optimizers.
+def describe(
+    flow: Flow,
+    named: Sequence[tuple[str, torch.Tensor]],
+    kept_in_eval: Sequence[str] = (),
+    *,
+    all_hyperparameters: bool = False,
+) -> str:
+    """Render the plan of ``flow`` over the models' ``named`` parameters: one row per parameter
+    group of every step's optimizers (``Trainer.describe()`` passes its parts).
 
     Each row shows the group's name (its ``param_groups`` pattern, or the ``"name"`` given;
     ``#i`` for an unnamed group), the number of trainable parameter elements, how many of its
@@ -95,14 +101,15 @@ def describe(trainer: Trainer, *, all_hyperparameters: bool = False) -> str:
 
     Example:
         >>> import torch
-        >>> from trainflow import Step, Trainer
+        >>> from trainflow import Step
+        >>> from trainflow.flow import Flow
         >>> model = torch.nn.Linear(4, 2)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> trainer = Trainer(model, Step(lambda b: model(b).pow(2).mean(), opt, name="fit"), device="cpu")
-        >>> text = describe(trainer)
+        >>> flow = Flow([Step(lambda b: model(b).pow(2).mean(), opt, name="fit")])
+        >>> text = describe(flow, list(model.named_parameters()))
         >>> "trainflow plan" in text and "SGD" in text and "lr=0.1" in text and "momentum" not in text
         True
-        >>> "lr=0.1, momentum=0, dampening=0" in describe(trainer, all_hyperparameters=True)
+        >>> "lr=0.1, momentum=0, dampening=0" in describe(flow, list(model.named_parameters()), all_hyperparameters=True)
         True
     """
     if not isinstance(all_hyperparameters, bool):
@@ -115,7 +122,7 @@ def describe(trainer: Trainer, *, all_hyperparameters: bool = False) -> str:
     for col in ("step", "schedule", "optimizer", "group", "params", "hyperparameters"):
         table.add_column(col, overflow="fold")
     updated: set[int] = set()
-    for step in trainer.flow.steps:
+    for step in flow.steps:
         schedule = [f"x{step.repeat}", f"batch={step.batch}", f"data={step.data}"]
         if step.accumulate != 1:
             schedule.append(f"accumulate={step.accumulate}")
@@ -152,18 +159,15 @@ def describe(trainer: Trainer, *, all_hyperparameters: bool = False) -> str:
     console.print(table)
     # The lines below the table are plain text: never wrapped (one line per fact, easy to grep)
     # and never read as rich markup (names may contain brackets).
-    lines = [f"cycle: {' '.join(s.name for s in trainer.flow.cycle)}"]
-    named = trainer.named_parameters()
+    lines = [f"cycle: {' '.join(s.name for s in flow.cycle)}"]
     total = sum(p.numel() for _, p in named)
     trainable = sum(p.numel() for _, p in named if p.requires_grad)
     lines.append(f"parameters: {_count(total)} total, {_count(trainable)} trainable")
     frozen = [n for n, p in named if not p.requires_grad]
     if frozen:
         lines.append(f"frozen: {', '.join(frozen)}")
-    models = trainer.model_tree
-    kept = [n for n, m in _named_modules(models) if getattr(m, KEEP_EVAL, False)]
-    if kept:
-        lines.append(f"eval mode during fit (running statistics fixed): {', '.join(kept)}")
+    if kept_in_eval:
+        lines.append(f"eval mode during fit (running statistics fixed): {', '.join(kept_in_eval)}")
     idle = [n for n, p in named if p.requires_grad and id(p) not in updated]
     if idle:
         lines.append(f"WARNING: trainable parameters that no step updates: {', '.join(idle)}")

@@ -13,6 +13,7 @@ it would give is stale.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,9 +99,21 @@ class Flow:
         self.position = 0
 
     def _name_steps(self) -> None:
+        """A step without a name is named ``step<i>`` by its place, on a copy: the user's Step
+        is not renamed, so the same Step in another flow is named by its place there."""
+        steps = list(self.steps)
         seen: dict[str, int] = {}
-        for i, step in enumerate(self.steps):
+        places: dict[int, int] = {}
+        for i, step in enumerate(steps):
+            if id(step) in places:
+                raise ValueError(
+                    f"Trainer: steps {places[id(step)]} and {i} are the same Step object. Received: "
+                    f"{step!r} twice. For more updates of it per cycle use Step(..., repeat=n); for two "
+                    "kinds of update build two Steps, each with its own name=."
+                )
+            places[id(step)] = i
             if step.name is None:
+                step = steps[i] = copy.copy(step)
                 step.name = f"step{i}"
             if step.name in seen:
                 raise ValueError(
@@ -108,6 +121,7 @@ class Flow:
                     "Step names key logs and checkpoints: give each step its own name=."
                 )
             seen[step.name] = i
+        self.steps = tuple(steps)
 
     @property
     def current(self) -> Step:

@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainflow.models import KEEP_EVAL, named_modules
+
 # named_parameters, match, toggle, check_patterns and check_batchnorm are shared helpers for
 # other modules (the trainer, callbacks.freezing), deliberately not exported.
 __all__ = ["param_groups", "group", "freeze", "unfreeze"]
@@ -326,10 +328,6 @@ def group(optimizer: torch.optim.Optimizer, name: str) -> dict[str, Any]:
 
 # --- freezing -------------------------------------------------------------------
 
-#: A module with this attribute set to True stays in eval mode during ``Trainer.fit``.
-#: ``freeze(..., batchnorm="eval")`` sets it; it is the trainer's ``KEEP_EVAL`` (a test pins it).
-KEEP_EVAL = "_trainflow_keep_eval"
-
 #: the choices of ``freeze(..., batchnorm=...)``
 BATCHNORM = ("train", "eval")
 
@@ -391,20 +389,6 @@ def match(
     return [(n, p) for n, p in named if any(_matches(pat, n) for pat in pattern_list)]
 
 
-def _named_modules(models: nn.Module | Mapping[str, nn.Module]) -> list[tuple[str, nn.Module]]:
-    """``named_modules()`` with the prefixes of :func:`named_parameters`; shared modules once."""
-    if isinstance(models, nn.Module):
-        return list(models.named_modules())
-    seen: set[int] = set()
-    named = []
-    for key, module in models.items():
-        for name, sub in module.named_modules():
-            if id(sub) not in seen:
-                seen.add(id(sub))
-                named.append((f"{key}.{name}" if name else key, sub))
-    return named
-
-
 def toggle(
     model: nn.Module | Mapping[str, nn.Module],
     patterns: Any,
@@ -427,7 +411,7 @@ def toggle(
     chosen = {id(p) for _, p in matched}
     param_names = {id(p): n for n, p in named_parameters(model)}
     norms = []  # batch-norm modules this call freezes entirely / unfreezes partly or fully
-    for module_name, module in _named_modules(model):
+    for module_name, module in named_modules(model):
         own = list(module.parameters(recurse=False))
         if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not own:
             continue

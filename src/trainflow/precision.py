@@ -58,13 +58,6 @@ class Precision:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Step ``optimizer`` (skipped by the scaler when gradients overflowed)."""
-        if self.scaler is None:
-            optimizer.step()
-        else:
-            self.scaler.step(optimizer)
-
     def update(self) -> None:
         """Adjust the loss scale once per update."""
         if self.scaler is not None:

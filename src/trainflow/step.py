@@ -14,6 +14,8 @@ from trainflow.schedules import Schedule
 __all__ = ["Step"]
 
 BATCH_MODES = ("next", "same")
+#: validation's log namespace: no step may log under it
+RESERVED_NAMES = ("val",)
 PARTIAL_WINDOWS = ("apply", "drop")
 
 
@@ -95,6 +97,17 @@ def _check_arity(fn: Callable, what: str, args: tuple[str, ...], fix: str) -> No
         ) from None
 
 
+def _check_reserved(chosen: str | None, name: str | None) -> None:
+    """A step's logs are keyed ``"<step>/<loss>"``: ``val/`` belongs to validation."""
+    if chosen in RESERVED_NAMES:
+        given = f"name={name!r}" if name is not None else f"name=None, so the function's name {chosen!r}"
+        raise ValueError(
+            f"Step: the name {chosen!r} is reserved: 'val/...' are the log keys of validation, which the "
+            f"step's '{chosen}/<loss>' epoch means would overwrite or be overwritten by. Received: {given}. "
+            "Pass another name=, e.g. name='fit'."
+        )
+
+
 def _no_loss(batch: Any) -> None:
     """The loss slot of a custom step, which has none (its update function differentiates)."""
 
@@ -112,7 +125,8 @@ class Step:
             :class:`trainflow.Average`, or a dict of named such values that are summed.
         optimizer: a ``torch.optim.Optimizer`` or a list of them, stepped together.
         name: the step's name in logs, ``describe()`` and checkpoints (default: the loss
-            function's name, else ``step<i>``).
+            function's name, else ``step<i>``, its place in the flow). Not ``"val"``: that
+            is validation's log namespace.
         repeat: consecutive updates of this step in each cycle of the flow (GAN: ``repeat=3``).
         batch: ``"next"`` takes a fresh batch for each update; ``"same"`` reuses the batch the
             previous update used.
@@ -211,6 +225,7 @@ class Step:
         self.loss = loss
         self.optimizers = _optimizers(optimizer)
         self.name = name if name is not None else _default_name(loss)
+        _check_reserved(self.name, name)
         self.repeat = _positive_int(repeat, "repeat", "Use repeat=1 for one update per cycle.")
         self.batch = batch
         self.data = data
@@ -267,6 +282,7 @@ class Step:
                 f"of type {type(update).__name__}."
             )
         _check_arity(update, "Step.custom: `update`", ("batch", "ctx"), "Define it as `def update(batch, ctx): ...`.")
+        _check_reserved(_default_name(update) if name is None else name, name)
         step = cls(_no_loss, optimizer, name=_default_name(update) if name is None else name, repeat=repeat,
                    batch=batch, data=data, clip_grad_norm=clip_grad_norm, scheduler=scheduler)
         step.update, step.loss = update, None

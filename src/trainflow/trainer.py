@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -13,153 +12,25 @@ import torch
 from torch import nn
 
 from trainflow import checkpoint, rng
-from trainflow.accumulation import accumulate_window
 from trainflow.callbacks.progress_bar import ProgressBar, is_terminal
-from trainflow.data.batch import move, split
+from trainflow.data.batch import move
 from trainflow.data.streams import Stream, open_streams
+from trainflow.describe import describe
 from trainflow.events import Events
 from trainflow.flow import Flow
-from trainflow.custom import Guard, UpdateContext, check_result
-from trainflow.losses import (
-    Term, check_finite, collect_added, no_grad_message, parse_loss, sum_forms, total_of, unreached_message,
-)
+from trainflow.losses import Term, parse_loss, sum_forms
 from trainflow.metrics import Metrics
-from trainflow.params import KEEP_EVAL, named_parameters
+from trainflow.models import Models, pick_device
+from trainflow.params import named_parameters
 from trainflow.precision import Precision
+from trainflow.state import Callbacks, FreeParameters, Optimizers, RunState, Schedules, Stateful, check_streams
 from trainflow.step import Step
+from trainflow.update import NONFINITE_POLICIES, StepRunner
 
 __all__ = ["Trainer"]
 
-NONFINITE_POLICIES = ("raise", "skip", "stop")
-
-#: the logged name of the add_loss total in each step
-AUX = "aux"
-
-#: on devices where reading a value stalls the host, losses are checked for NaN this often
-_FINITE_CHECK_EVERY = 50
-
-
-
-def _models(models: Any) -> dict[str, nn.Module]:
-    if isinstance(models, nn.Module):
-        return {"model": models}
-    if isinstance(models, Mapping) and models:
-        for name, m in models.items():
-            if not isinstance(name, str) or not isinstance(m, nn.Module):
-                raise TypeError(
-                    "Trainer: `models` must map names to nn.Modules. "
-                    f"Received: models[{name!r}] of type {type(m).__name__}. Pass e.g. {{'G': gen, 'D': disc}}."
-                )
-        return dict(models)
-    raise TypeError(
-        "Trainer: `models` must be an nn.Module or a non-empty dict of named nn.Modules. "
-        f"Received: models of type {type(models).__name__}. Pass the model, or {{'G': gen, 'D': disc}}."
-    )
-
-
-def _device(device: Any) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(
-            f"Trainer: `device` must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device. "
-            f"Received: device={device!r}. Use device='auto' to pick CUDA when it is available."
-        ) from None
-    if chosen.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (chosen.index is not None and chosen.index >= count):
-            have = "no CUDA device is available" if count == 0 else f"only {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
-            raise ValueError(
-                f"Trainer: `device` names a CUDA device this machine does not have: {have}. "
-                f"Received: device={device!r}. Use device='auto' (CUDA when available, else the CPU), 'cpu', "
-                "or an index below torch.cuda.device_count()."
-            )
-    return chosen
-
-
-class _Plan:
-    """What the trainer precomputes for one step: the parameters it owns and its log keys."""
-
-    __slots__ = (
-        "step", "params", "owns_all", "keys", "loss_key", "update_schedules", "epoch_schedules", "by_optimizer",
-        "guard", "zero_grad_params", "zero_grad_opts", "reached",
-    )
-
-    def __init__(self, step: Step, named: list[tuple[str, torch.Tensor]]) -> None:
-        self.step = step
-        owned = {id(p) for _, p in named}
-        params: dict[int, torch.Tensor] = {}
-        self.by_optimizer: dict[int, list[torch.Tensor]] = {}
-        for i, opt in enumerate(step.optimizers):
-            opt_params = [p for g in opt.param_groups for p in g["params"]]
-            self.by_optimizer[id(opt)] = opt_params
-            if not any(id(p) in owned for p in opt_params):
-                raise ValueError(
-                    f"Trainer: step {step.name!r}: optimizer[{i}] ({type(opt).__name__}) owns no parameter "
-                    f"of the given models (it has {len(opt_params)} parameter(s), none of them in `models`). "
-                    "Pass the model it optimizes in `models=`, or build the optimizer on that model's parameters."
-                )
-            for p in opt_params:
-                params.setdefault(id(p), p)
-        self.params: tuple[torch.Tensor, ...] = tuple(params.values())
-        # Optimizer.zero_grad(set_to_none=True) sets each .grad to None inside a profiler range
-        # that costs more than the loop itself (6 us of a 350 us update on a small MLP): for
-        # optimizers that keep the base method, the plan clears their gradients directly.
-        plain = [opt for opt in step.optimizers if type(opt).zero_grad is torch.optim.Optimizer.zero_grad]
-        self.zero_grad_params = tuple({id(p): p for opt in plain for p in self.by_optimizer[id(opt)]}.values())
-        self.zero_grad_opts = tuple(opt for opt in step.optimizers if opt not in plain)
-        self.owns_all = owned <= set(params)
-        self.keys: dict[str, str] = {}
-        self.loss_key = self.key("loss")
-        # a custom update runs user code that could touch anything: watch the other parameters
-        self.guard = Guard([(n, p) for n, p in named if id(p) not in params]) if step.update else None
-        self.reached = False  # set once an update's loss has given one of the step's parameters a gradient
-        self.update_schedules = tuple(s for s in step.schedulers if s.interval == "update")
-        self.epoch_schedules = tuple(s for s in step.schedulers if s.interval == "epoch")
-
-    def zero_grad(self) -> None:
-        """``opt.zero_grad(set_to_none=True)`` for each of the step's optimizers."""
-        for p in self.zero_grad_params:
-            p.grad = None
-        for opt in self.zero_grad_opts:
-            opt.zero_grad(set_to_none=True)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """Differentiate into the step's parameters only (isolation).
-
-        When the step owns every parameter of the models there is nothing to isolate from, and
-        a plain ``backward()`` gives the same gradients without autograd's per-call input map.
-        """
-        if not loss.requires_grad:
-            self.trainable()  # all frozen: that error says more
-            raise ValueError(no_grad_message(self.step.name))
-        if self.owns_all:
-            loss.backward()
-        else:
-            loss.backward(inputs=self.trainable())
-
-    def check_reached(self) -> None:
-        """After the first update's backward: the loss must give some of the step's parameters a gradient."""
-        if all(p.grad is None for p in self.trainable()):
-            raise ValueError(unreached_message(self.step.name))
-        self.reached = True
-
-    def trainable(self) -> list[torch.Tensor]:
-        params = [p for p in self.params if p.requires_grad]
-        if not params:
-            raise ValueError(
-                f"Step {self.step.name!r}: every parameter of its optimizers is frozen (requires_grad=False), "
-                "so the update would change nothing. Unfreeze some (trainflow.unfreeze) or drop the step."
-            )
-        return params
-
-    def key(self, term: str) -> str:
-        key = self.keys.get(term)
-        if key is None:
-            key = self.keys[term] = f"{self.step.name}/{term}"
-        return key
+#: the loop state that a loaded run keeps until fit opens the data (where each stream was, the RNG)
+_PENDING = ("in_epoch", "streams", "dataset_rng", "last_stream", "last_batches", "stop_reason", "rng")
 
 
 class Trainer:
@@ -234,13 +105,12 @@ class Trainer:
                 "Use 'raise' to fail at once, 'skip' to drop the update, 'stop' to end fit (and checkpoint)."
             )
         self.on_nonfinite = on_nonfinite
-        self.models = _models(models)
-        #: the models as given: the module itself, or the dict (for naming parameters)
-        self.model_tree: nn.Module | dict[str, nn.Module] = models if isinstance(models, nn.Module) else self.models
         self.flow = steps if isinstance(steps, Flow) else Flow(list(steps) if not isinstance(steps, Step) else steps)
-        self.device = _device(device)
+        self.device = pick_device(device)
+        self._models = Models(models, self.device, compile)
+        self.models = self._models.by_name
+        self.model_tree = self._models.tree  # the models as given (for naming parameters)
         self.precision = Precision(precision, self.device)
-        self._host_reads = self.device.type == "cpu"  # reading a value costs no device sync
         self.metrics = Metrics(metrics)
         self.events = Events(callbacks)
         if not isinstance(progress, bool):
@@ -250,22 +120,22 @@ class Trainer:
             )
         if progress and is_terminal() and not any(isinstance(cb, ProgressBar) for cb in self.events.callbacks):
             self.events.add(ProgressBar())
-        if not isinstance(compile, bool):
-            raise TypeError(f"Trainer: `compile` must be True or False. Received: compile={compile!r}.")
         if out_dir is not None and not isinstance(out_dir, (str, Path)):
             raise TypeError(
                 f"Trainer: `out_dir` must be a path or None. Received: out_dir={out_dir!r}. Pass e.g. 'runs/gan'."
             )
         self.out_dir = None if out_dir is None else Path(out_dir)
         named = self.named_parameters()
-        self._plans = {step: _Plan(step, named) for step in self.flow.steps}
+        host_reads = self.device.type == "cpu"  # reading a value costs no device sync
+        self._runners = {
+            step: StepRunner(step, named, self.precision, on_nonfinite, host_reads) for step in self.flow.steps
+        }
         self._step_order = {step.name: i for i, step in enumerate(self.flow.steps)}
-        self.optimizers = self._name_optimizers()
-        self._free_params = self._name_free_params(named)
-        for model in self.models.values():
-            model.to(self.device)
-            if compile:
-                model.compile()
+        self._optimizers = Optimizers(self.flow.steps)
+        self.optimizers = self._optimizers.by_name
+        self._free_params = FreeParameters(named, self._optimizers)
+        self._schedules = Schedules(self.flow.steps)
+        self._callback_states = Callbacks(lambda: self.events.callbacks)
         self.metrics.to(self.device)
         self.epoch = 0
         self.updates = 0
@@ -309,6 +179,32 @@ class Trainer:
         trainer and ``data`` (optimizer types, each stream's batches and batch size) before
         anything is loaded.
         """
+        self._check_fit(epochs, max_updates, val_data, val_step)
+        streams = open_streams(data, self._stream_users(), self.device)
+        if resume is not None:
+            self._load_for_resume(resume, streams)
+        self._place(streams)
+        self.max_epochs, self.max_updates = epochs, max_updates
+        self._warn_before_fit(epochs, max_updates)
+        with self._models.mode(training=True):
+            try:
+                self.events.fire("on_fit_start", self)
+                while not self._done(epochs, max_updates):
+                    fresh = not self._in_epoch
+                    if fresh:
+                        self._start_epoch()
+                    before = self.updates
+                    if not self._run_updates(max_updates):
+                        break  # stopped inside the epoch
+                    if fresh and self.updates == before:  # a whole epoch without an update: so will be the next
+                        raise ValueError(self._no_update_message())
+                    self._end_epoch(val_data, val_step)
+                self.events.fire("on_fit_end", self)
+            except BaseException as error:
+                self.events.fire("on_exception", self, error)
+                raise
+
+    def _check_fit(self, epochs: Any, max_updates: Any, val_data: Any, val_step: Any) -> None:
         self._check_limits(epochs, max_updates)
         if (val_data is None) != (val_step is None):
             raise ValueError(
@@ -319,13 +215,18 @@ class Trainer:
             )
         if val_step is not None and not callable(val_step):
             raise TypeError(f"fit: `val_step` must be a function of the batch. Received: {val_step!r}.")
-        needed = {}
+
+    def _stream_users(self) -> dict[str, str]:
+        """Each data stream the flow draws from, with the first step that does (for error messages)."""
+        needed: dict[str, str] = {}
         for step in self.flow.steps:
             needed.setdefault(step.data, step.name)
-        streams = open_streams(data, needed, self.device)
-        if resume is not None:
-            self._load_for_resume(resume, streams)
-        # a run that stopped itself (EarlyStopping, on_nonfinite="stop") and is resumed stays stopped
+        return needed
+
+    def _place(self, streams: dict[str, Stream]) -> None:
+        """Where in its data the run goes on: a loaded state's position, the epoch an earlier fit
+        stopped in (same data), or a fresh epoch. A run that stopped itself (EarlyStopping,
+        on_nonfinite="stop") and is resumed stays stopped."""
         stopped = None if self._resume_loop is None else self._resume_loop.get("stop_reason")
         if self._resume_loop is not None:
             self._replay(streams, self._resume_loop)
@@ -334,62 +235,36 @@ class Trainer:
         else:
             self._in_epoch = False
         self._streams = streams
-        self.max_epochs, self.max_updates = epochs, max_updates
-        self._warn_batchnorm()
         self.should_stop = stopped is not None
         self.stop_reason = stopped
-        if stopped is not None:
+
+    def _warn_before_fit(self, epochs: int | None, max_updates: int | None) -> None:
+        self._warn_batchnorm()
+        if self.should_stop:
             warnings.warn(
-                f"fit: nothing to do: the run being resumed stopped itself (stop_reason={stopped!r}), so it "
-                "stays stopped, as the uninterrupted run did. To train further on purpose, set "
+                f"fit: nothing to do: the run being resumed stopped itself (stop_reason={self.stop_reason!r}), so "
+                "it stays stopped, as the uninterrupted run did. To train further on purpose, set "
                 "state['loop']['stop_reason'] = None before trainer.load_state_dict(state).",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         elif self._done(epochs, max_updates):
-            warnings.warn(self._nothing_to_do_message(epochs, max_updates), UserWarning, stacklevel=2)
-        modes = _modes(self.models)
-        try:
-            for model in self.models.values():
-                _train_mode(model)
-            self.events.fire("on_fit_start", self)
-            while not self._done(epochs, max_updates):
-                fresh = not self._in_epoch
-                if fresh:
-                    self._start_epoch()
-                before = self.updates
-                if not self._run_updates(max_updates):
-                    break  # stopped inside the epoch
-                if fresh and self.updates == before:  # a whole epoch without an update: so will be the next
-                    raise ValueError(self._no_update_message())
-                self._end_epoch(val_data, val_step)
-            self.events.fire("on_fit_end", self)
-        except BaseException as error:
-            self.events.fire("on_exception", self, error)
-            raise
-        finally:
-            _restore(modes)
+            warnings.warn(self._nothing_to_do_message(epochs, max_updates), UserWarning, stacklevel=3)
 
     def _warn_batchnorm(self) -> None:
         """Accumulation is not exact with batch norm in train mode: each chunk has its own statistics."""
-        for step, plan in self._plans.items():
+        for step, runner in self._runners.items():
             if step.accumulate == 1 and step.microbatch_size is None:
                 continue
-            owned = {id(p) for p in plan.params}
-            for name, model in self.models.items():
-                if not any(id(p) in owned for p in model.parameters()):
-                    continue
-                norms = [n for n, m in model.named_modules()
-                         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not getattr(m, KEEP_EVAL, False)]
-                if norms:
-                    warnings.warn(
-                        f"Step {step.name!r} accumulates gradients over several chunks, but model {name!r} has "
-                        f"batch-norm layers in train mode ({', '.join(norms[:3])}{', ...' if len(norms) > 3 else ''}): "
-                        "each chunk is normalised with its own statistics, so the update is not the big-batch "
-                        "update. Use GroupNorm/LayerNorm, or freeze(..., batchnorm='eval') to fix their statistics.",
-                        UserWarning,
-                        stacklevel=3,
-                    )
+            for name, norms in self._models.batchnorms_in_train(runner.params).items():
+                warnings.warn(
+                    f"Step {step.name!r} accumulates gradients over several chunks, but model {name!r} has "
+                    f"batch-norm layers in train mode ({', '.join(norms[:3])}{', ...' if len(norms) > 3 else ''}): "
+                    "each chunk is normalised with its own statistics, so the update is not the big-batch "
+                    "update. Use GroupNorm/LayerNorm, or freeze(..., batchnorm='eval') to fix their statistics.",
+                    UserWarning,
+                    stacklevel=4,
+                )
 
     def _no_update_message(self) -> str:
         taken, step = self._streams["train"].consumed, self.flow.current
@@ -426,163 +301,40 @@ class Trainer:
 
     def _run_updates(self, max_updates: int | None) -> bool:
         """Run updates until the train stream is exhausted (True) or the run must stop (False)."""
-        flow, plans, record, latest = self.flow, self._plans, self._epoch_losses, self.latest_losses
+        flow, runners, record, latest = self.flow, self._runners, self._epoch_losses, self.latest_losses
         handlers = self.events.handlers["on_update_end"]
         limit = math.inf if max_updates is None else max_updates
         while True:
             if self.should_stop or self.updates >= limit:
                 return False
             step = flow.current
-            skipped = self.skipped
-            losses = self._update(step, plans[step])
-            if losses is None:
+            batches = self._window(step)
+            if batches is None:
                 return True
+            losses, applied = runners[step].run(batches, self.updates)
             self.updates += 1
             flow.advance()
             self.losses = losses
             latest.update(losses)  # what filtered loggers read (LossLogger every N updates)
-            if self.skipped == skipped:  # a dropped update is counted in trainer.skipped, not averaged
+            if applied:  # a dropped update is counted in trainer.skipped, not averaged
                 for key, value in losses.items():
                     record.setdefault(key, []).append(value)
+            else:
+                self.skipped += 1
+                if self.on_nonfinite == "stop":
+                    self.stop("nonfinite")
             for handler in handlers:
                 handler(self, step, losses)
 
-    def _update(self, step: Step, plan: _Plan) -> dict[str, torch.Tensor] | None:
-        """One optimizer update of ``step``: None when the train stream has run out.
-
-        On small models this method's Python is what separates the trainer from a hand-written
-        loop (docs/performance.md): the common update (one batch, a plain scalar loss, float32)
-        takes the shortest way through it.
-        """
+    def _window(self, step: Step) -> list[Any] | None:
+        """The batches of ``step``'s next update; None when the train stream has run out."""
         if step.batch == "same":
-            batches = self._last_batches
-        else:
-            batches = self._streams[step.data].take(step.accumulate)
-            if not batches or (len(batches) < step.accumulate and step.partial_window == "drop"):
-                return None
-            self._last_batches, self._last_stream = batches, step.data
-        if step.update is not None:
-            return self._custom_update(step, plan, batches[0])
-        plan.zero_grad()
-        if step.microbatch_size is not None:
-            batches = [c for b in batches for c in split(b, step.microbatch_size, step.name)]
-        if len(batches) == 1:
-            out, added = self._call_loss(step, batches[0])
-            if not added and type(out) is torch.Tensor and not out.ndim:  # a plain scalar: nothing to parse
-                loss, values = out, {plan.loss_key: out.detach()}
-            else:
-                terms = self._terms(step, out, added)
-                loss, values = total_of(terms), {plan.key(t.name): t.value.detach() for t in terms}
-            plan.backward(self.precision.scale(loss))
-        else:
-            window = accumulate_window(
-                batches, lambda b: self._forward(step, b), self.precision.scale, plan.trainable(), step.name
-            )
-            values = {plan.key(name): value for name, value in window.items()}
-            loss = total_of([Term(k, v) for k, v in values.items()])
-        if not plan.reached:
-            plan.check_reached()
-        if not self._finite(loss, values, step, plan):
-            return self._drop_update(step, values)
-        if step.clip_grad_norm is not None:
-            for opt in step.optimizers:
-                self.precision.unscale(opt)
-            torch.nn.utils.clip_grad_norm_(plan.trainable(), step.clip_grad_norm)
-        if self.precision.scaler is None:
-            for opt in step.optimizers:
-                opt.step()
-        else:
-            for opt in step.optimizers:
-                self.precision.step(opt)
-            self.precision.update()
-        for schedule in plan.update_schedules:
-            schedule.step()
-        return values
-
-    def _call_loss(self, step: Step, batch: Any) -> tuple[Any, list[torch.Tensor]]:
-        """``step.loss(batch)`` under the precision's autocast: what it returned, and add_loss values."""
-        if self.precision.dtype is None:  # float32: no autocast context to enter
-            return collect_added(step.loss, batch)
-        with self.precision.autocast():
-            return collect_added(step.loss, batch)
-
-    def _forward(self, step: Step, batch: Any) -> list[Term]:
-        terms = self._terms(step, *self._call_loss(step, batch))
-        if not any((t.value if t.total is None else t.total).requires_grad for t in terms):
-            raise ValueError(no_grad_message(step.name))
-        return terms
-
-    @staticmethod
-    def _terms(step: Step, out: Any, added: list[torch.Tensor]) -> list[Term]:
-        """What the loss function returned, plus the add_loss total, as checked terms."""
-        terms = parse_loss(out, step.name)
-        if added:  # add_loss values from the models' forward passes
-            if any(t.name == AUX for t in terms):
-                raise ValueError(
-                    f"Step {step.name!r}: the loss function returns a term named {AUX!r}, the name of the "
-                    "add_loss total. Rename that term."
-                )
-            terms.append(Term(AUX, total_of([Term(AUX, v) for v in added])))
-        return terms
-
-    def _custom_update(self, step: Step, plan: _Plan, batch: Any) -> dict[str, torch.Tensor]:
-        check = None if self.on_nonfinite == "raise" else self._all_finite
-        ctx = UpdateContext(step, self.precision, plan.by_optimizer, check)
-        plan.guard.arm()
-        with self.precision.autocast():
-            out, _ = collect_added(step.update, batch, ctx, into=ctx._aux)
-        if ctx._aux:
-            raise ValueError(
-                f"Step {step.name!r}: modules called add_loss during this custom update, but the update never "
-                "took those values. Add ctx.aux_loss() to the loss it differentiates."
-            )
-        if not ctx.stepped:
-            raise ValueError(
-                f"Step {step.name!r}: the custom update returned without stepping an optimizer, so the update "
-                "changed nothing. Call ctx.minimize(loss, opt) or ctx.step(opt) in it."
-            )
-        plan.guard.check(step.name)
-        if ctx.applied:
-            self.precision.update()
-        terms = parse_loss(check_result(out, step.name), step.name) if out is not None else []
-        values = {plan.key(t.name): t.value.detach() for t in terms}
-        if ctx.dropped:  # a ctx.step met a non-finite value and stepped nothing from there on
-            return self._drop_update(step, values)
-        for schedule in plan.update_schedules:
-            schedule.step()
-        if values and self.on_nonfinite == "raise":  # it has stepped already: report only
-            self._finite(total_of([Term(k, v) for k, v in values.items()]), values, step, None)
-        return values
-
-    def _finite(self, loss: torch.Tensor, values: dict[str, torch.Tensor], step: Step, plan: _Plan | None) -> bool:
-        """False when the update must be dropped (skip/stop); raises under on_nonfinite="raise".
-
-        ``loss`` is the update's total: NaN or inf in any term shows in it, so one read suffices.
-        """
-        if self.on_nonfinite == "raise":
-            # Reading a CUDA value stalls the host: there, check every _FINITE_CHECK_EVERY updates
-            # (a NaN in the weights shows in every later loss, so it is still caught).
-            if (self._host_reads or self.updates % _FINITE_CHECK_EVERY == 0) and not math.isfinite(loss.item()):
-                check_finite([Term(k.split("/", 1)[1], v) for k, v in values.items()], step.name, self.updates + 1)
-                check_finite([Term("loss", loss)], step.name, self.updates + 1)  # e.g. inf - inf
-            return True
-        return self._all_finite([loss], plan.params if plan is not None else ())
-
-    def _all_finite(self, losses: list[torch.Tensor], params: Iterable[torch.Tensor]) -> bool:
-        """Whether the losses and the gradients of ``params`` are all finite (one read of one flag)."""
-        flags = [torch.isfinite(loss).all() for loss in losses]
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads and self.precision.scaler is None:  # under float16 the loss scaler handles overflow
-            flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
-        return bool(torch.stack(flags).all()) if flags else True
-
-    def _drop_update(self, step: Step, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Leave weights and optimizer state as they were; count the skip or stop the run."""
-        self._plans[step].zero_grad()
-        self.skipped += 1
-        if self.on_nonfinite == "stop":
-            self.stop("nonfinite")
-        return values
+            return self._last_batches
+        batches = self._streams[step.data].take(step.accumulate)
+        if not batches or (len(batches) < step.accumulate and step.partial_window == "drop"):
+            return None
+        self._last_batches, self._last_stream = batches, step.data
+        return batches
 
     def _end_epoch(self, val_data: Iterable | None, val_step: Callable | None) -> None:
         self._in_epoch = False
@@ -591,9 +343,8 @@ class Trainer:
         logs = {key: torch.stack(values).mean().item() for key, values in means}
         logs.update(self.metrics.collect("train"))
         self.epoch += 1
-        for plan in self._plans.values():
-            for schedule in plan.epoch_schedules:
-                schedule.step()
+        for runner in self._runners.values():
+            runner.end_epoch()
         if val_data is not None:
             val_logs = self.evaluate(val_data, val_step)
             self.events.fire("on_validation_end", self, val_logs)
@@ -663,55 +414,31 @@ class Trainer:
         if not callable(step):
             raise TypeError(f"evaluate: `step` must be a function of the batch. Received: step={step!r}.")
         sums: dict[str, list] = {}
-        modes = _modes(self.models)
-        try:
-            for model in self.models.values():
-                model.eval()
-            with torch.inference_mode(), self.precision.autocast():
-                for batch in data:
-                    batch = move(batch, self.device)
-                    out = step(batch)
-                    if out is not None:
-                        _add_val_losses(sums, parse_loss(out, "validation"), batch)
-        finally:
-            _restore(modes)
+        with self._models.mode(training=False), torch.inference_mode(), self.precision.autocast():
+            for batch in data:
+                batch = move(batch, self.device)
+                out = step(batch)
+                if out is not None:
+                    _add_val_losses(sums, parse_loss(out, "validation"), batch)
         logs = {f"val/{name}": (total / count).item() for name, (total, count) in sums.items()}
         logs.update(self.metrics.collect("val"))
         return logs
 
     # ------------------------------------------------------------------ state
 
-    def _name_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        named: dict[str, torch.optim.Optimizer] = {}
-        seen: set[int] = set()
-        for step in self.flow.steps:
-            for i, opt in enumerate(step.optimizers):
-                if id(opt) not in seen:
-                    seen.add(id(opt))
-                    named[step.name if len(step.optimizers) == 1 else f"{step.name}.{i}"] = opt
-        return named
-
-    def _name_free_params(self, named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Tensors an optimizer trains that are in none of the models (e.g. a learnt ``log_scale``).
-
-        They are saved and restored with the state, named by their place in the optimizer:
-        ``"<optimizer>.<group>.<index>"``.
-        """
-        in_models = {id(p) for _, p in named}
-        free: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        for opt_name, opt in self.optimizers.items():
-            for g, group in enumerate(opt.param_groups):
-                for i, p in enumerate(group["params"]):
-                    if id(p) not in in_models and id(p) not in seen:
-                        seen.add(id(p))
-                        free[f"{opt_name}.{g}.{i}"] = p
-        return free
-
-    def _schedulers(self) -> dict[str, Any]:
-        return {
-            f"{step.name}.{i}": s for step in self.flow.steps for i, s in enumerate(step.schedulers)
-        }
+    def _run_state(self) -> RunState:
+        """The run's stateful parts, by the keys of its state (restored in this order)."""
+        return RunState({
+            "flow": self.flow,
+            "models": self._models,
+            "optimizers": self._optimizers,
+            "schedulers": self._schedules,
+            "params": self._free_params,
+            "precision": self.precision,
+            "metrics": self.metrics,
+            "callbacks": self._callback_states,
+            "loop": Stateful(self._loop_state, self._load_loop),
+        })
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the run's numbers depend on, as a dict of named stateful parts.
@@ -724,146 +451,53 @@ class Trainer:
         between two updates, so no accumulation window is ever half-done: a window is inside
         one update.
         """
-        return {
-            "models": {name: m.state_dict() for name, m in self.models.items()},
-            "params": {name: p.detach().clone() for name, p in self._free_params.items()},
-            "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
-            "optimizer_types": {name: type(o).__name__ for name, o in self.optimizers.items()},
-            "schedulers": {name: s.state_dict() for name, s in self._schedulers().items()},
-            "precision": self.precision.state_dict(),
-            "flow": self.flow.state_dict(),
-            "metrics": self.metrics.state_dict(),
-            "callbacks": {
-                key: cb.state_dict() for key, cb in self._stateful_callbacks().items()
-            },
-            "loop": {
-                "epoch": self.epoch,
-                "updates": self.updates,
-                "skipped": self.skipped,
-                "in_epoch": self._in_epoch,
-                "streams": {name: stream.state_dict() for name, stream in self._streams.items()},
-                "dataset_rng": {  # generators a dataset keeps for itself (augmentation in __getitem__)
-                    name: [g.get_state() for g in rng.dataset_generators(stream.iterable)]
-                    for name, stream in self._streams.items()
-                },
-                "last_stream": self._last_stream,
-                "last_batches": len(self._last_batches),
-                "epoch_losses": {k: torch.stack(v) for k, v in self._epoch_losses.items() if v},
-                "logs": dict(self.logs),
-                "stop_reason": self._saved_stop(),
-                "rng": rng.capture(),
-            },
-        }
-
-    def _saved_stop(self) -> str | None:
-        """The stop the run asked for itself (it stays stopped on resume); a signal's is to be continued."""
-        if not self.should_stop or self.stop_reason == "signal":
-            return None
-        return self.stop_reason or "requested"
+        return self._run_state().state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; the next ``fit`` continues exactly there.
 
         Raises a ValueError naming every mismatch when the state belongs to other models
-        (missing or unexpected keys, other shapes) or another flow.
+        (missing or unexpected keys, other shapes) or another flow, before anything is loaded.
+        The data streams' positions are applied when ``fit`` opens the data.
         """
-        _check_parts(state, ("models", "optimizers", "schedulers", "precision", "flow", "loop"))
-        problems = []
-        for name, model in self.models.items():
-            if name not in state["models"]:
-                problems.append(f"model {name!r} is not in the state (it has {sorted(state['models'])})")
-            else:
-                problems += _model_mismatch(name, model, state["models"][name])
-        problems += [f"the state has a model {n!r} this trainer lacks" for n in state["models"] if n not in self.models]
-        for part, mine in (("optimizers", self.optimizers), ("schedulers", self._schedulers())):
-            if sorted(state[part]) != sorted(mine):
-                problems.append(f"{part}: the state has {sorted(state[part])}, this trainer has {sorted(mine)}")
-        saved_params = state.get("params", {})
-        if sorted(saved_params) != sorted(self._free_params):
-            problems.append(
-                f"parameters outside the models: the state has {sorted(saved_params)}, this trainer has "
-                f"{sorted(self._free_params)}"
-            )
-        else:
-            problems += [
-                f"parameter {n!r} has shape {tuple(p.shape)}, the state {tuple(saved_params[n].shape)}"
-                for n, p in self._free_params.items() if tuple(saved_params[n].shape) != tuple(p.shape)
-            ]
-        if not problems:
-            problems += self._optimizer_mismatch(state)
-        if not problems:
-            for name, opt in self.optimizers.items():
-                mine = [len(g["params"]) for g in opt.param_groups]
-                saved = [len(g["params"]) for g in state["optimizers"][name]["param_groups"]]
-                if mine != saved:
-                    problems.append(
-                        f"optimizer {name!r} has parameter groups of {mine} parameter(s), the state {saved}"
-                    )
-        if problems:
-            raise ValueError(
-                "The state does not fit this trainer: " + "; ".join(problems) + ". Load a state saved by a "
-                "trainer with the same models, steps and optimizers."
-            )
-        self.flow.load_state_dict(state["flow"])
-        for name, model in self.models.items():
-            model.load_state_dict(state["models"][name])
-        with torch.no_grad():
-            for name, p in self._free_params.items():
-                p.copy_(saved_params[name])
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-        for name, s in self._schedulers().items():
-            s.load_state_dict(state["schedulers"][name])
-        self.precision.load_state_dict(state["precision"])
-        self.metrics.load_state_dict(state.get("metrics", {}))
-        self._load_callbacks(state.get("callbacks", {}))
-        loop = state["loop"]
+        self._run_state().load_state_dict(state)
+
+    def _loop_state(self) -> dict[str, Any]:
+        state = {
+            "epoch": self.epoch,
+            "updates": self.updates,
+            "skipped": self.skipped,
+            "in_epoch": self._in_epoch,
+            "streams": {name: stream.state_dict() for name, stream in self._streams.items()},
+            "dataset_rng": {  # generators a dataset keeps for itself (augmentation in __getitem__)
+                name: [g.get_state() for g in rng.dataset_generators(stream.iterable)]
+                for name, stream in self._streams.items()
+            },
+            "last_stream": self._last_stream,
+            "last_batches": len(self._last_batches),
+            "epoch_losses": {k: torch.stack(v) for k, v in self._epoch_losses.items() if v},
+            "logs": dict(self.logs),
+            # the stop the run asked for itself (it stays stopped on resume); a signal's is to be continued
+            "stop_reason": None if not self.should_stop or self.stop_reason == "signal"
+            else self.stop_reason or "requested",
+            "rng": rng.capture(),
+        }
+        if self._resume_loop is not None:  # loaded, not yet applied by fit: where the loaded run was
+            state.update({k: v for k, v in self._resume_loop.items() if k in _PENDING})
+        return state
+
+    def _load_loop(self, loop: Mapping[str, Any]) -> None:
         self.epoch = int(loop["epoch"])
         self.updates = int(loop["updates"])
         self.skipped = int(loop.get("skipped", 0))
         self._epoch_losses = {k: list(v.unbind()) for k, v in loop.get("epoch_losses", {}).items()}
         self.logs = dict(loop.get("logs", {}))
         self._in_epoch = False
-        self._resume_loop = dict(loop)
-
-    def _optimizer_mismatch(self, state: Mapping[str, Any]) -> list[str]:
-        """Optimizers of another type than the state's (SGD then, Adam now), named."""
-        types = state.get("optimizer_types")
-        problems = []
-        for name, opt in self.optimizers.items():
-            saved_groups = state["optimizers"][name].get("param_groups", [])
-            if types is not None and types.get(name) != type(opt).__name__:
-                problems.append(f"optimizer {name!r} is {type(opt).__name__} here, {types.get(name)} in the state")
-            elif types is None and saved_groups and opt.param_groups and (
-                set(saved_groups[0]) - {"params"} != set(opt.param_groups[0]) - {"params"}
-            ):  # a file from before the types were saved: other hyperparameters, another optimizer
-                problems.append(
-                    f"optimizer {name!r} ({type(opt).__name__}) has hyperparameters "
-                    f"{sorted(set(opt.param_groups[0]) - {'params'})}, the state's "
-                    f"{sorted(set(saved_groups[0]) - {'params'})}"
-                )
-        return problems
-
-    @staticmethod
-    def _check_streams(loop: Mapping[str, Any], streams: dict[str, Stream]) -> None:
-        """The data matches the streams the state was taken with: same names, batch size, batches."""
-        missing = sorted(set(loop["streams"]) - set(streams))
-        if missing:
-            raise ValueError(
-                f"fit: the state being resumed was taken with data streams {sorted(loop['streams'])}; "
-                f"`data` lacks {missing}. Pass the same streams as the interrupted run."
-            )
-        differ = [m for name, s in loop["streams"].items() if (m := streams[name].mismatch(s)) is not None]
-        if differ:
-            raise ValueError(
-                "fit: the data differs from the data of the state being resumed: " + "; ".join(differ) + ". "
-                "Received: other data (or another batch_size) than the interrupted run's. A checkpoint says "
-                "where the run was in its data, so resume with the same loaders, or start a fresh run."
-            )
+        self._resume_loop = dict(loop)  # where in the data: applied when fit opens the streams
 
     def _replay(self, streams: dict[str, Stream], loop: dict[str, Any]) -> None:
         """Put every stream where the saved run was, then the random generators."""
-        self._check_streams(loop, streams)
+        check_streams(loop, streams)
         for name, stream_state in loop["streams"].items():
             keep = loop["last_batches"] if name == loop["last_stream"] else 0
             kept = streams[name].replay(stream_state, keep)
@@ -894,54 +528,8 @@ class Trainer:
             )
         state = checkpoint.load(path)
         if isinstance(state, Mapping) and isinstance(state.get("loop"), Mapping) and "streams" in state["loop"]:
-            self._check_streams(state["loop"], streams)  # before anything is loaded
+            check_streams(state["loop"], streams)  # before anything is loaded
         self.load_state_dict(state)
-
-    def _stateful_callbacks(self) -> dict[str, Any]:
-        """Callbacks with state, keyed by a stable name: ``state_key`` if they have one, else the
-        class name, with ``.1``, ``.2``... for the second, third of the same key (in list order).
-        Inserting or moving another callback changes no key."""
-        stateful = [
-            cb for cb in self.events.callbacks
-            if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))
-        ]
-        keyed: dict[str, Any] = {}
-        counts: dict[str, int] = {}
-        for cb in stateful:
-            base = getattr(cb, "state_key", None)
-            if not isinstance(base, str) or not base:
-                base = type(cb).__name__
-            n = counts[base] = counts.get(base, -1) + 1
-            keyed[base if n == 0 else f"{base}.{n}"] = cb
-        return keyed
-
-    def _load_callbacks(self, saved: Mapping[str, Any]) -> None:
-        """Give each callback its saved state; say which saved states fit no callback, and the reverse."""
-        mine = self._stateful_callbacks()
-        if saved and all(re.fullmatch(r"\d+:\w+", k) for k in saved):
-            # a file keyed by position among stateful callbacks (older trainflow): map the positions
-            by_position = {f"{i}:{type(cb).__name__}": key for i, (key, cb) in enumerate(mine.items())}
-            saved = {by_position.get(k, k): v for k, v in saved.items()}
-        unknown = sorted(k for k in saved if k not in mine)
-        fresh = sorted(k for k in mine if k not in saved)
-        for key, cb in mine.items():
-            if key in saved:
-                cb.load_state_dict(saved[key])
-        if unknown:
-            warnings.warn(
-                f"The state holds callback state for {unknown}, which no callback of this trainer has (its "
-                f"stateful callbacks: {sorted(mine)}): that state is not loaded. Pass the same callbacks as "
-                "the interrupted run, or give a renamed one `state_key` = the old name.",
-                UserWarning,
-                stacklevel=3,
-            )
-        if fresh:
-            warnings.warn(
-                f"The state holds no callback state for {fresh}: they start fresh (the state has "
-                f"{sorted(saved)}). Expected when a callback was added since the checkpoint was taken.",
-                UserWarning,
-                stacklevel=3,
-            )
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Every parameter of the models, named as in ``describe()`` (``"<model>.<name>"`` for a dict)."""
@@ -949,9 +537,9 @@ class Trainer:
 
     def describe(self, *, all_hyperparameters: bool = False) -> str:
         """The plan as a table: steps, optimizers, parameter groups, counts, frozen and idle parameters."""
-        from trainflow.describe import describe
-
-        return describe(self, all_hyperparameters=all_hyperparameters)
+        return describe(
+            self.flow, self.named_parameters(), self._models.kept_in_eval(), all_hyperparameters=all_hyperparameters
+        )
 
 
 def _add_val_losses(sums: dict[str, list], terms: list[Term], batch: Any) -> None:
@@ -961,47 +549,3 @@ def _add_val_losses(sums: dict[str, list], terms: list[Term], batch: Any) -> Non
             sums[term.name][1] = sums[term.name][1] + count
         else:
             sums[term.name] = [total.float(), count]
-
-
-def _train_mode(model: nn.Module) -> None:
-    model.train()
-    for module in model.modules():
-        if getattr(module, KEEP_EVAL, False):
-            module.eval()
-
-
-def _modes(models: dict[str, nn.Module]) -> list[tuple[nn.Module, bool]]:
-    return [(m, m.training) for model in models.values() for m in model.modules()]
-
-
-def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
-    for module, training in modes:
-        module.training = training
-
-
-def _check_parts(state: Any, parts: tuple[str, ...]) -> None:
-    if not isinstance(state, Mapping) or any(p not in state for p in parts):
-        have = sorted(state) if isinstance(state, Mapping) else type(state).__name__
-        raise ValueError(
-            f"The state is not a trainflow Trainer state: expected the parts {list(parts)}. Received: {have}. "
-            "Pass what Trainer.state_dict() returned (or a file written by trainflow.checkpoint.save)."
-        )
-
-
-def _model_mismatch(name: str, model: nn.Module, saved: Mapping[str, Any]) -> list[str]:
-    mine = model.state_dict()
-    missing = [k for k in mine if k not in saved]
-    unexpected = [k for k in saved if k not in mine]
-    shapes = [
-        f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}"
-        for k, v in mine.items()
-        if k in saved and isinstance(v, torch.Tensor) and tuple(saved[k].shape) != tuple(v.shape)
-    ]
-    out = []
-    if missing:
-        out.append(f"model {name!r} missing keys {missing[:8]}")
-    if unexpected:
-        out.append(f"model {name!r} unexpected keys {unexpected[:8]}")
-    if shapes:
-        out.append(f"model {name!r} shape mismatches (saved vs model) {shapes[:8]}")
-    return out

@@ -55,7 +55,7 @@ def run(
         return F.cross_entropy(logits, y)
 
     return train_and_finish(
-        out_dir, model, Step(train_loss, optimizer, name="train"), train,  # logs "train/loss" beside "train/acc"
+        out_dir, model, Step(train_loss, optimizer, name="fit"), train,  # logs "fit/loss" beside the metric "train/acc"
         epochs=epochs, progress=progress, resume=resume,
         metrics={"train/acc": train_acc, "val/acc": val_acc}, val_data=val, val_step=val_step,
     )
