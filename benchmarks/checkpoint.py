@@ -156,7 +156,7 @@ def measure_resume(name: str, width: int, depth: int, rounds: int, folder: Path,
     trainer = build(width, depth, folder)
     trainer.fit(loaders["map-style DataLoader"], max_updates=2)
     state = trainer.state_dict()
-    state["loop"]["updates"] = state["loop"]["streams"]["train"]["consumed"] = at_batch
+    state["loop"]["updates"] = state["data"]["streams"]["train"]["consumed"] = at_batch
     path = checkpoint.save(state, checkpoint.path_for(folder, at_batch))
     times: dict[str, list[float]] = {"torch.load": [], **{key: [] for key in loaders}}
     for r in range(rounds + 1):  # round 0 warms up; not counted

@@ -79,7 +79,7 @@ def test_every_updates_names_the_files_by_update_and_epoch(tmp_path):
         "index.json",
     ]
     state = checkpoint.load(folder / "ckpt-u000000006-e1.pt")
-    assert (state["loop"]["updates"], state["loop"]["epoch"], state["loop"]["in_epoch"]) == (6, 1, True)
+    assert (state["loop"]["updates"], state["loop"]["epoch"], state["data"]["in_epoch"]) == (6, 1, True)
 
 
 def test_every_epochs_saves_after_validation_and_not_at_a_normal_end(tmp_path):
@@ -97,7 +97,7 @@ def test_every_epochs_saves_after_validation_and_not_at_a_normal_end(tmp_path):
     assert names(folder) == ["ckpt-u000000008-e2.pt", "ckpt-u000000016-e4.pt", "index.json"]  # not e5
     assert [e["value"] for e in index(folder)["checkpoints"]] == [4.0, 2.0]  # val/loss of epochs 2 and 4
     state = checkpoint.load(folder / "ckpt-u000000016-e4.pt")
-    assert (state["loop"]["epoch"], state["loop"]["in_epoch"]) == (4, False)
+    assert (state["loop"]["epoch"], state["data"]["in_epoch"]) == (4, False)
 
 
 def test_an_epoch_end_on_an_update_save_replaces_it(tmp_path):

@@ -99,7 +99,7 @@ def test_batch_same_on_first_step(model, opt):
 
 def test_batch_same_from_another_stream(model, opt):
     steps = [Step(lambda b: b, opt, name="a"), Step(lambda b: b, opt, name="b", batch="same", data="valid")]
-    with pytest.raises(ValueError, match=r"step 'b' has batch='same' and data='valid'.*give both the same `data`"):
+    with pytest.raises(ValueError, match=r"step 'b' has batch='same' and data='valid'.*draw from \(some of\) the same streams"):
         Trainer(model, steps)
 
 

@@ -12,7 +12,7 @@ from trainflow import Schedule, Step, Trainer
 from trainflow.state import Callbacks, FreeParameters, Optimizers, RunState, Schedules
 
 PARTS = ("flow", "models", "optimizers", "optimizer_types", "schedulers", "params", "precision", "metrics",
-         "callbacks", "loop")
+         "callbacks", "data", "loop")
 
 
 class Count:
@@ -105,9 +105,9 @@ def test_a_loaded_state_keeps_the_data_position_until_fit_applies_it(trained):
     other.load_state_dict(state)
     torch.randn(3)  # a draw between the load and the state: the loaded RNG state is still the run's
     again = other.state_dict()
-    equal(state["loop"]["streams"], again["loop"]["streams"], "streams")
-    equal(state["loop"]["rng"], again["loop"]["rng"], "rng")
-    assert again["loop"]["in_epoch"] is True
+    equal(state["data"]["streams"], again["data"]["streams"], "streams")
+    equal(state["data"]["rng"], again["data"]["rng"], "rng")
+    assert again["data"]["in_epoch"] is True
 
 
 def test_a_loaded_trainer_continues_exactly_as_the_uninterrupted_one(trained):

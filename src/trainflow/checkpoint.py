@@ -76,6 +76,32 @@ def latest(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_path(resume: Any, out_dir: Path | None) -> Path | None:
+    """The file ``fit(..., resume=resume)`` continues from (None: nothing to resume yet).
+
+    ``"latest"`` is the newest complete checkpoint in ``<out_dir>/checkpoints`` (None on a first
+    run, which then starts fresh); a path is that file.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> resume_path("latest", Path(tempfile.mkdtemp())) is None
+        True
+        >>> resume_path("runs/a/checkpoints/ckpt-u000000020.pt", None).name
+        'ckpt-u000000020.pt'
+    """
+    if resume == "latest":
+        if out_dir is None:
+            raise ValueError(
+                "fit: resume='latest' looks in <out_dir>/checkpoints, but the trainer has no out_dir. "
+                "Received: out_dir=None. Pass Trainer(..., out_dir='runs/my-run')."
+            )
+        return latest(Path(out_dir) / "checkpoints")
+    if isinstance(resume, (str, Path)):
+        return Path(resume)
+    raise TypeError(f"fit: `resume` must be 'latest', a checkpoint path or None. Received: resume={resume!r}.")
+
+
 def read_index(directory: str | Path) -> list[dict[str, Any]]:
     """The entries of ``<directory>/index.json``, oldest first; ``[]`` when there is no index.
 

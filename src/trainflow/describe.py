@@ -123,7 +123,7 @@ def describe(
         table.add_column(col, overflow="fold")
     updated: set[int] = set()
     for step in flow.steps:
-        schedule = [f"x{step.repeat}", f"batch={step.batch}", f"data={step.data}"]
+        schedule = [f"x{step.repeat}", f"batch={step.batch}", f"data={'+'.join(step.streams)}"]
         if step.accumulate != 1:
             schedule.append(f"accumulate={step.accumulate}")
         if step.microbatch_size is not None:

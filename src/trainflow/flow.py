@@ -89,11 +89,11 @@ class Flow:
                 "to take a batch from. Use batch='next' on the first step."
             )
         for prev, step in zip(self.steps, self.steps[1:]):
-            if step.batch == "same" and step.data != prev.data:
+            if step.batch == "same" and not set(step.streams) <= set(prev.streams):
                 raise ValueError(
                     f"Trainer: step {step.name!r} has batch='same' and data={step.data!r}, but the step "
                     f"before it draws from data={prev.data!r}. A reused batch comes from the previous "
-                    f"update: give both the same `data`, or use batch='next'."
+                    f"update: draw from (some of) the same streams, or use batch='next'."
                 )
         self.cycle: tuple[Step, ...] = tuple(s for s in self.steps for _ in range(s.repeat))
         self.position = 0

@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from trainflow.data.streams import Stream
     from trainflow.step import Step
 
-__all__ = ["Callbacks", "FreeParameters", "Optimizers", "RunState", "Schedules", "Stateful", "check_streams"]
+__all__ = ["Callbacks", "FreeParameters", "Optimizers", "RunState", "Schedules", "Stateful"]
 
 
 class Stateful:
@@ -298,20 +297,3 @@ class RunState:
                 part.load_state_dict(state[key])
             else:
                 part.load_state_dict({})
-
-
-def check_streams(loop: Mapping[str, Any], streams: dict[str, Stream]) -> None:
-    """The data matches the streams the state was taken with: same names, batch size, batches."""
-    missing = sorted(set(loop["streams"]) - set(streams))
-    if missing:
-        raise ValueError(
-            f"fit: the state being resumed was taken with data streams {sorted(loop['streams'])}; "
-            f"`data` lacks {missing}. Pass the same streams as the interrupted run."
-        )
-    differ = [m for name, s in loop["streams"].items() if (m := streams[name].mismatch(s)) is not None]
-    if differ:
-        raise ValueError(
-            "fit: the data differs from the data of the state being resumed: " + "; ".join(differ) + ". "
-            "Received: other data (or another batch_size) than the interrupted run's. A checkpoint says "
-            "where the run was in its data, so resume with the same loaders, or start a fresh run."
-        )

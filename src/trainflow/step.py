@@ -14,8 +14,8 @@ from trainflow.schedules import Schedule
 __all__ = ["Step"]
 
 BATCH_MODES = ("next", "same")
-#: validation's log namespace: no step may log under it
-RESERVED_NAMES = ("val",)
+#: the log namespaces of the epoch's metrics (``train/``) and of validation (``val/``): no step may log under them
+RESERVED_NAMES = ("train", "val")
 PARTIAL_WINDOWS = ("apply", "drop")
 
 
@@ -98,14 +98,34 @@ def _check_arity(fn: Callable, what: str, args: tuple[str, ...], fix: str) -> No
 
 
 def _check_reserved(chosen: str | None, name: str | None) -> None:
-    """A step's logs are keyed ``"<step>/<loss>"``: ``val/`` belongs to validation."""
+    """A step's logs are keyed ``"<step>/<loss>"``: ``train/`` and ``val/`` belong to the metrics."""
     if chosen in RESERVED_NAMES:
         given = f"name={name!r}" if name is not None else f"name=None, so the function's name {chosen!r}"
+        owner = "the epoch's training metrics" if chosen == "train" else "validation"
         raise ValueError(
-            f"Step: the name {chosen!r} is reserved: 'val/...' are the log keys of validation, which the "
+            f"Step: the name {chosen!r} is reserved: '{chosen}/...' are the log keys of {owner}, which the "
             f"step's '{chosen}/<loss>' epoch means would overwrite or be overwritten by. Received: {given}. "
             "Pass another name=, e.g. name='fit'."
         )
+
+
+def _streams(data: Any, accumulate: int, microbatch_size: int | None) -> tuple[str, ...]:
+    """``data`` as the tuple of stream names the step reads (a name, or several)."""
+    names = (data,) if isinstance(data, str) else tuple(data) if isinstance(data, (tuple, list)) else None
+    if not names or any(not isinstance(n, str) or not n for n in names):
+        raise TypeError(
+            f"Step: `data` must be the name of a data stream, or a tuple of names. Received: data={data!r}. "
+            "Use 'train' (the default), the key of a stream passed to fit(data={...}), or e.g. ('train', 'valid')."
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"Step: `data` names a stream twice. Received: data={data!r}. Name each stream once.")
+    if len(names) > 1 and (accumulate != 1 or microbatch_size is not None):
+        raise ValueError(
+            f"Step: a step that reads several streams takes one batch of each per update, so it cannot "
+            f"accumulate or split them. Received: data={data!r}, accumulate={accumulate}, "
+            f"microbatch_size={microbatch_size}. Use accumulate=1 and microbatch_size=None, or read one stream."
+        )
+    return names
 
 
 def _no_loss(batch: Any) -> None:
@@ -129,8 +149,13 @@ class Step:
             is validation's log namespace.
         repeat: consecutive updates of this step in each cycle of the flow (GAN: ``repeat=3``).
         batch: ``"next"`` takes a fresh batch for each update; ``"same"`` reuses the batch the
-            previous update used.
-        data: the name of the data stream this step draws from.
+            previous update used, of the stream(s) this step names (a step on "train" after one
+            that read ``("train", "valid")`` gets its "train" batch).
+        data: the name of the data stream this step draws from, or a tuple of names: the step
+            then gets one batch of each per update, drawn in the order given, as a dict
+            ``{name: batch}`` (a DARTS architecture step reading ``("train", "valid")``). When
+            "train" runs out, the epoch ends before the update. Such a step has
+            ``accumulate=1`` and no ``microbatch_size``.
         accumulate: batches per update; gradients are accumulated exactly.
         microbatch_size: split each batch into chunks of at most this many samples.
         partial_window: when the "train" stream runs out inside an accumulation window,
@@ -164,6 +189,7 @@ class Step:
         "repeat",
         "batch",
         "data",
+        "streams",
         "accumulate",
         "microbatch_size",
         "partial_window",
@@ -180,7 +206,7 @@ class Step:
         name: str | None = None,
         repeat: int = 1,
         batch: str = "next",
-        data: str = "train",
+        data: str | Sequence[str] = "train",
         accumulate: int = 1,
         microbatch_size: int | None = None,
         partial_window: str = "apply",
@@ -207,11 +233,6 @@ class Step:
                 f"Step: `partial_window` must be one of {PARTIAL_WINDOWS}. Received: partial_window={partial_window!r}. "
                 "Use 'apply' to update on an incomplete last window, 'drop' to discard it."
             )
-        if not isinstance(data, str) or not data:
-            raise TypeError(
-                f"Step: `data` must be the name of a data stream. Received: data={data!r}. "
-                "Use 'train' (the default) or the key of a stream passed to fit(data={...})."
-            )
         if clip_grad_norm is not None and (
             isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
             or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0  # `nan <= 0` is False: test finiteness
@@ -228,13 +249,14 @@ class Step:
         _check_reserved(self.name, name)
         self.repeat = _positive_int(repeat, "repeat", "Use repeat=1 for one update per cycle.")
         self.batch = batch
-        self.data = data
         self.accumulate = _positive_int(accumulate, "accumulate", "Use accumulate=1 for no accumulation.")
         self.microbatch_size = (
             None
             if microbatch_size is None
             else _positive_int(microbatch_size, "microbatch_size", "Use None to keep batches whole.")
         )
+        self.streams = _streams(data, self.accumulate, self.microbatch_size)
+        self.data: str | tuple[str, ...] = self.streams[0] if len(self.streams) == 1 else self.streams
         self.partial_window = partial_window
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.update: Callable[[Any, Any], Any] | None = None  # set by Step.custom
@@ -251,7 +273,7 @@ class Step:
         name: str | None = None,
         repeat: int = 1,
         batch: str = "next",
-        data: str = "train",
+        data: str | Sequence[str] = "train",
         clip_grad_norm: float | None = None,
         scheduler: Any = None,
     ) -> Step:
@@ -262,7 +284,8 @@ class Step:
         ``zero_grad``, ``backward`` (into the given optimizer's parameters only), ``step``,
         ``aux_loss()`` and ``optimizers``. The function returns None, a loss or a dict of
         named values to log. It must step at least once and may change no parameter outside
-        ``optimizer``; both are checked after every call.
+        ``optimizer``; both are checked after every call. With ``data=("train", "valid")``
+        ``batch`` is the dict ``{"train": ..., "valid": ...}`` (see :class:`Step`).
 
         Example:
             >>> import torch

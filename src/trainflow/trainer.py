@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainflow import checkpoint, rng
+from trainflow import checkpoint
 from trainflow.callbacks.progress_bar import ProgressBar, is_terminal
 from trainflow.data.batch import move
-from trainflow.data.streams import Stream, open_streams
+from trainflow.data.position import DataPosition, split_loop_state
+from trainflow.data.streams import open_streams
 from trainflow.describe import describe
 from trainflow.events import Events
 from trainflow.flow import Flow
@@ -23,15 +24,11 @@ from trainflow.metrics import Metrics
 from trainflow.models import Models, pick_device
 from trainflow.params import named_parameters
 from trainflow.precision import Precision
-from trainflow.state import Callbacks, FreeParameters, Optimizers, RunState, Schedules, Stateful, check_streams
+from trainflow.state import Callbacks, FreeParameters, Optimizers, RunState, Schedules, Stateful
 from trainflow.step import Step
 from trainflow.update import NONFINITE_POLICIES, StepRunner
 
 __all__ = ["Trainer"]
-
-#: the loop state that a loaded run keeps until fit opens the data (where each stream was, the RNG)
-_PENDING = ("in_epoch", "streams", "dataset_rng", "last_stream", "last_batches", "stop_reason", "rng")
-
 
 class Trainer:
     """Runs a flow of optimizer steps over data, with metrics and callbacks.
@@ -145,14 +142,11 @@ class Trainer:
         self.losses: dict[str, torch.Tensor] = {}  # the last update's losses
         self.latest_losses: dict[str, torch.Tensor] = {}  # each loss key's latest value, over all steps
         self.logs: dict[str, float] = {}  # the last epoch's values (loss means, metrics)
-        self._streams: dict[str, Stream] = {}
-        self._in_epoch = False
-        self._last_batches: list[Any] = []
-        self._last_stream: str | None = None
+        self._data = DataPosition()  # the streams, where each is, the latest window
         self._epoch_losses: dict[str, list[torch.Tensor]] = {}
-        self._resume_loop: dict[str, Any] | None = None  # set by load_state_dict, applied by fit
         self.skipped = 0  # updates dropped for non-finite values (on_nonfinite="skip")
         self.stop_reason: str | None = None
+        self._stop_loaded = False  # the stop came with a loaded state: the next fit keeps it
 
     # ------------------------------------------------------------------ the loop
 
@@ -182,15 +176,16 @@ class Trainer:
         self._check_fit(epochs, max_updates, val_data, val_step)
         streams = open_streams(data, self._stream_users(), self.device)
         if resume is not None:
-            self._load_for_resume(resume, streams)
-        self._place(streams)
+            self._resume(resume, streams)
+        self._data.place(streams)
+        self._keep_stop_if_loaded()
         self.max_epochs, self.max_updates = epochs, max_updates
         self._warn_before_fit(epochs, max_updates)
         with self._models.mode(training=True):
             try:
                 self.events.fire("on_fit_start", self)
                 while not self._done(epochs, max_updates):
-                    fresh = not self._in_epoch
+                    fresh = not self._data.in_epoch
                     if fresh:
                         self._start_epoch()
                     before = self.updates
@@ -220,23 +215,26 @@ class Trainer:
         """Each data stream the flow draws from, with the first step that does (for error messages)."""
         needed: dict[str, str] = {}
         for step in self.flow.steps:
-            needed.setdefault(step.data, step.name)
+            for name in step.streams:
+                needed.setdefault(name, step.name)
         return needed
 
-    def _place(self, streams: dict[str, Stream]) -> None:
-        """Where in its data the run goes on: a loaded state's position, the epoch an earlier fit
-        stopped in (same data), or a fresh epoch. A run that stopped itself (EarlyStopping,
-        on_nonfinite="stop") and is resumed stays stopped."""
-        stopped = None if self._resume_loop is None else self._resume_loop.get("stop_reason")
-        if self._resume_loop is not None:
-            self._replay(streams, self._resume_loop)
-        elif self._in_epoch and self._same_data(streams):
-            streams = self._streams  # continue the epoch an earlier fit stopped in
-        else:
-            self._in_epoch = False
-        self._streams = streams
-        self.should_stop = stopped is not None
-        self.stop_reason = stopped
+    def _resume(self, resume: str | Path, streams: dict) -> None:
+        """Load the checkpoint ``resume`` names, once it is known to fit the trainer and ``streams``."""
+        path = checkpoint.resume_path(resume, self.out_dir)
+        if path is None:
+            return  # resume="latest" on a first run: nothing to resume yet
+        state = split_loop_state(checkpoint.load(path))
+        if isinstance(state, Mapping) and isinstance(state.get("data"), Mapping) and "streams" in state["data"]:
+            DataPosition.check(state["data"], streams)  # before anything is loaded
+        self.load_state_dict(state)
+
+    def _keep_stop_if_loaded(self) -> None:
+        """A run that stopped itself (EarlyStopping, on_nonfinite="stop") and is resumed stays
+        stopped; any other fit starts unstopped."""
+        if not self._stop_loaded:
+            self.should_stop, self.stop_reason = False, None
+        self._stop_loaded = False
 
     def _warn_before_fit(self, epochs: int | None, max_updates: int | None) -> None:
         self._warn_batchnorm()
@@ -267,7 +265,7 @@ class Trainer:
                 )
 
     def _no_update_message(self) -> str:
-        taken, step = self._streams["train"].consumed, self.flow.current
+        taken, step = self._data.streams["train"].consumed, self.flow.current
         if taken == 0:
             return (
                 "fit: the 'train' stream yielded no batch, so no epoch can have an update and fit would never "
@@ -293,22 +291,23 @@ class Trainer:
         )
 
     def _start_epoch(self) -> None:
-        self._streams["train"].restart()
+        self._data.start_epoch()
         self.flow.start_epoch()  # Flow(restart="epoch"): back to the first step
-        self._in_epoch = True
         self._epoch_losses = {}
         self.events.fire("on_epoch_start", self)
 
     def _run_updates(self, max_updates: int | None) -> bool:
         """Run updates until the train stream is exhausted (True) or the run must stop (False)."""
-        flow, runners, record, latest = self.flow, self._runners, self._epoch_losses, self.latest_losses
+        flow, runners, record, latest, window = (
+            self.flow, self._runners, self._epoch_losses, self.latest_losses, self._data.window
+        )
         handlers = self.events.handlers["on_update_end"]
         limit = math.inf if max_updates is None else max_updates
         while True:
             if self.should_stop or self.updates >= limit:
                 return False
             step = flow.current
-            batches = self._window(step)
+            batches = window(step)
             if batches is None:
                 return True
             losses, applied = runners[step].run(batches, self.updates)
@@ -326,18 +325,8 @@ class Trainer:
             for handler in handlers:
                 handler(self, step, losses)
 
-    def _window(self, step: Step) -> list[Any] | None:
-        """The batches of ``step``'s next update; None when the train stream has run out."""
-        if step.batch == "same":
-            return self._last_batches
-        batches = self._streams[step.data].take(step.accumulate)
-        if not batches or (len(batches) < step.accumulate and step.partial_window == "drop"):
-            return None
-        self._last_batches, self._last_stream = batches, step.data
-        return batches
-
     def _end_epoch(self, val_data: Iterable | None, val_step: Callable | None) -> None:
-        self._in_epoch = False
+        self._data.end_epoch()
         order = self._step_order  # loss means in flow order, not in the order steps ran this epoch
         means = sorted(self._epoch_losses.items(), key=lambda kv: order[kv[0].split("/", 1)[0]])
         logs = {key: torch.stack(values).mean().item() for key, values in means}
@@ -362,7 +351,7 @@ class Trainer:
     @property
     def epoch_progress(self) -> tuple[int, int | None]:
         """Train batches taken in the current epoch, and the epoch's length when the data has one."""
-        train = self._streams.get("train")
+        train = self._data.streams.get("train")
         if train is None:
             return 0, None
         try:
@@ -395,11 +384,6 @@ class Trainer:
                     f"fit: `{arg}` must be a whole number >= 0 (a total for this trainer). "
                     f"Received: {arg}={value!r}."
                 )
-
-    def _same_data(self, streams: dict[str, Stream]) -> bool:
-        return set(streams) == set(self._streams) and all(
-            streams[n].iterable is self._streams[n].iterable for n in streams
-        )
 
     # ------------------------------------------------------------------ evaluation
 
@@ -437,6 +421,7 @@ class Trainer:
             "precision": self.precision,
             "metrics": self.metrics,
             "callbacks": self._callback_states,
+            "data": self._data,
             "loop": Stateful(self._loop_state, self._load_loop),
         })
 
@@ -460,31 +445,19 @@ class Trainer:
         (missing or unexpected keys, other shapes) or another flow, before anything is loaded.
         The data streams' positions are applied when ``fit`` opens the data.
         """
-        self._run_state().load_state_dict(state)
+        self._run_state().load_state_dict(split_loop_state(state))
 
     def _loop_state(self) -> dict[str, Any]:
-        state = {
+        return {
             "epoch": self.epoch,
             "updates": self.updates,
             "skipped": self.skipped,
-            "in_epoch": self._in_epoch,
-            "streams": {name: stream.state_dict() for name, stream in self._streams.items()},
-            "dataset_rng": {  # generators a dataset keeps for itself (augmentation in __getitem__)
-                name: [g.get_state() for g in rng.dataset_generators(stream.iterable)]
-                for name, stream in self._streams.items()
-            },
-            "last_stream": self._last_stream,
-            "last_batches": len(self._last_batches),
             "epoch_losses": {k: torch.stack(v) for k, v in self._epoch_losses.items() if v},
             "logs": dict(self.logs),
             # the stop the run asked for itself (it stays stopped on resume); a signal's is to be continued
             "stop_reason": None if not self.should_stop or self.stop_reason == "signal"
             else self.stop_reason or "requested",
-            "rng": rng.capture(),
         }
-        if self._resume_loop is not None:  # loaded, not yet applied by fit: where the loaded run was
-            state.update({k: v for k, v in self._resume_loop.items() if k in _PENDING})
-        return state
 
     def _load_loop(self, loop: Mapping[str, Any]) -> None:
         self.epoch = int(loop["epoch"])
@@ -492,44 +465,8 @@ class Trainer:
         self.skipped = int(loop.get("skipped", 0))
         self._epoch_losses = {k: list(v.unbind()) for k, v in loop.get("epoch_losses", {}).items()}
         self.logs = dict(loop.get("logs", {}))
-        self._in_epoch = False
-        self._resume_loop = dict(loop)  # where in the data: applied when fit opens the streams
-
-    def _replay(self, streams: dict[str, Stream], loop: dict[str, Any]) -> None:
-        """Put every stream where the saved run was, then the random generators."""
-        check_streams(loop, streams)
-        for name, stream_state in loop["streams"].items():
-            keep = loop["last_batches"] if name == loop["last_stream"] else 0
-            kept = streams[name].replay(stream_state, keep)
-            if keep:
-                self._last_batches, self._last_stream = kept, name
-        for name, states in loop.get("dataset_rng", {}).items():  # after the replay, which may have drawn
-            for generator, saved in zip(rng.dataset_generators(streams[name].iterable), states):
-                generator.set_state(saved)
-        self._in_epoch = bool(loop["in_epoch"])
-        rng.restore(loop["rng"])
-        self._resume_loop = None
-
-    def _load_for_resume(self, resume: str | Path, streams: dict[str, Stream]) -> None:
-        if resume == "latest":
-            if self.out_dir is None:
-                raise ValueError(
-                    "fit: resume='latest' looks in <out_dir>/checkpoints, but the trainer has no out_dir. "
-                    "Received: out_dir=None. Pass Trainer(..., out_dir='runs/my-run')."
-                )
-            path = checkpoint.latest(self.out_dir / "checkpoints")
-            if path is None:
-                return  # first run: nothing to resume yet
-        elif isinstance(resume, (str, Path)):
-            path = Path(resume)
-        else:
-            raise TypeError(
-                f"fit: `resume` must be 'latest', a checkpoint path or None. Received: resume={resume!r}."
-            )
-        state = checkpoint.load(path)
-        if isinstance(state, Mapping) and isinstance(state.get("loop"), Mapping) and "streams" in state["loop"]:
-            check_streams(state["loop"], streams)  # before anything is loaded
-        self.load_state_dict(state)
+        self.stop_reason = loop.get("stop_reason")
+        self.should_stop = self._stop_loaded = self.stop_reason is not None
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Every parameter of the models, named as in ``describe()`` (``"<model>.<name>"`` for a dict)."""

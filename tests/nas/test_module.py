@@ -280,7 +280,7 @@ def test_manual_optimization_runs_as_a_custom_step_bit_identical_to_the_hand_loo
     assert_same_weights(trained.model, hand_model)
     assert_same_weights(trained.head, hand_head)
     assert torch.equal(trained.trainer.callback_metrics["model_loss"], last.detach())
-    assert trained.trainer.trainer.updates == 6 and torch.equal(trained.trainer.trainer.losses["train/loss"], last.detach())
+    assert trained.trainer.trainer.updates == 6 and torch.equal(trained.trainer.trainer.losses["training_step/loss"], last.detach())
 
 
 def test_manual_optimization_errors() -> None:
@@ -325,8 +325,8 @@ def test_lr_scheduler_steps_per_epoch_by_default_and_per_update_on_request() -> 
     train = data(24, 8, seed=3, shuffle=False)  # 3 updates per epoch
     per_epoch = ModuleTrainer(Scheduled, train_data=train, epochs=2, device="cpu").evaluate(nn.Linear(4, 3))
     per_update = ModuleTrainer(StepScheduled, train_data=train, epochs=2, device="cpu").evaluate(nn.Linear(4, 3))
-    assert per_epoch.trainer.trainer.optimizers["train"].param_groups[0]["lr"] == 0.1 * 0.5**2
-    assert per_update.trainer.trainer.optimizers["train"].param_groups[0]["lr"] == 0.1 * 0.5**6
+    assert per_epoch.trainer.trainer.optimizers["training_step"].param_groups[0]["lr"] == 0.1 * 0.5**2
+    assert per_update.trainer.trainer.optimizers["training_step"].param_groups[0]["lr"] == 0.1 * 0.5**6
 
 
 class Hooked(Regression):
@@ -392,7 +392,7 @@ def test_trainer_options_apply_callbacks_metrics_and_checkpoints(tmp_path) -> No
         Regression, train_data=train, val_data=val, epochs=2,
         device="cpu", out_dir=tmp_path, callbacks=[EpochLogs(), Checkpoint(every_epochs=1, keep_last=5)],
     ).evaluate(nn.Linear(4, 3))
-    assert seen == [["train/loss", "val/val_loss"]] * 2
+    assert seen == [["training_step/loss", "val/val_loss"]] * 2
     assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 2
 
 

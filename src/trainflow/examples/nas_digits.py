@@ -160,7 +160,7 @@ def evaluate(model: nn.Module, *, epochs: int = EPOCHS, data_seed: int = 0) -> f
         accuracy.update(model(x), y)
 
     trainer = Trainer(
-        model, Step(loss, optimizer, name="train"), metrics={"val/acc": accuracy},
+        model, Step(loss, optimizer, name="fit"), metrics={"val/acc": accuracy},
         callbacks=[_ReportEachEpoch()], device="cpu",
     )
     trainer.fit(train, epochs=epochs, val_data=val, val_step=val_step)

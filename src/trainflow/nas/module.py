@@ -411,9 +411,9 @@ class ModuleTrainer:
         fit.optimizers = optimizers
         run = _Run(module, fit)
         if module.automatic_optimization:
-            step = Step(run.train, optimizers, name="train", scheduler=schedules or None)
+            step = Step(run.train, optimizers, name="training_step", scheduler=schedules or None)
         else:
-            step = Step.custom(run.manual, optimizers, name="train", scheduler=schedules or None)
+            step = Step.custom(run.manual, optimizers, name="training_step", scheduler=schedules or None)
         options = dict(self.trainer_options)
         options["callbacks"] = [run, *options.get("callbacks", ())]
         fit.trainer = Trainer(module, [step], **options)
