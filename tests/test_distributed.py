@@ -363,4 +363,4 @@ def test_one_process_trainer_is_global_zero():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trainer.fit([torch.ones(2, 2)], epochs=1)
-    assert "world_size" not in trainer.state_dict()["loop"]  # one process: the state is as before
+    assert "ranks" not in trainer.state_dict()  # one process: the state is as before
