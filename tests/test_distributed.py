@@ -263,6 +263,26 @@ def test_custom_step(runs):
     assert r["losses"]["gan/g_loss"] == pytest.approx(g_loss.item(), rel=1e-10)
 
 
+def test_a_step_on_two_streams_with_two_normalisers(runs):
+    r = result(runs, "streams")
+    model = mlp(23)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    valid_loader = global_batches(dataset(10, seed=25), 2)
+    valid = iter(valid_loader)
+    for _ in range(2):
+        for x, y in global_batches(dataset(18, seed=24), 2):
+            try:
+                vx, vy = next(valid)
+            except StopIteration:
+                valid = iter(valid_loader)
+                vx, vy = next(valid)
+            opt.zero_grad()
+            (F.mse_loss(model(x), y) + 0.5 * sq_sum(model, vx, vy) / len(vx)).backward()
+            opt.step()
+    assert_same(r["params"], {"m": model})
+    assert r["updates"] == 10
+
+
 def test_a_stop_on_one_rank_stops_every_rank(runs):
     r = result(runs, "stop")  # rank 1 alone asked, after update 3
     assert (r["updates"], r["stop_reason"]) == (3, "requested")

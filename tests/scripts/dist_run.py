@@ -195,8 +195,24 @@ def stop_one(out: Path) -> None:
     record(out, "stop", trainer, {"m": model})
 
 
+def two_streams(out: Path) -> None:
+    """A step on ("train", "valid"): a mean on train plus an Average on valid (its own normaliser,
+    uneven shares: valid's global batches are 4, 4, 2 and cycle on their own)."""
+    model = mlp(23)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def loss(batch):
+        (x, y), (vx, vy) = batch["train"], batch["valid"]
+        return {"fit": F.mse_loss(model(x), y), "valid": Average(0.5 * (model(vx) - vy).pow(2).sum(), len(vx))}
+
+    trainer = Trainer(model, [Step(loss, opt, name="w", data=("train", "valid"))], progress=False)
+    data = {"train": DataLoader(dataset(18, seed=24), batch_size=2), "valid": DataLoader(dataset(10, seed=25), batch_size=2)}
+    trainer.fit(data, epochs=2)
+    record(out, "streams", trainer, {"m": model})
+
+
 SCENARIOS = [accum, shuffled, token_average, empty_rank, lambda out: empty_rank(out, nonfinite=True), gan_flow,
-             partial, custom, stop_one]
+             partial, custom, stop_one, two_streams]
 
 
 def resume_run(out: Path, kill_call: int | None) -> None:
