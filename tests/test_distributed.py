@@ -384,3 +384,26 @@ def test_one_process_trainer_is_global_zero():
         warnings.simplefilter("error")
         trainer.fit([torch.ones(2, 2)], epochs=1)
     assert "ranks" not in trainer.state_dict()  # one process: the state is as before
+
+
+@pytest.mark.slow
+def test_cli_nproc_launches_torchrun_and_rank_zero_writes(tmp_path):
+    out = tmp_path / "mlp"
+    cmd = [sys.executable, "-m", "trainflow.cli", "run", "mlp", "--nproc", "2", "--epochs", "1", "--out", str(out),
+           "--no-progress"]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT, start_new_session=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("'mlp' finished in") == 1  # rank 0 speaks; rank 1 trains quietly
+    assert done.stdout.count("epoch 1/1") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "curves.png", "metrics.csv", "weights.pt"]
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,updates") and rows[1].startswith("1,12,")  # 1,438 digits / (2 x 64) per update
+
+
+def test_cli_nproc_refuses_a_search(capsys):
+    from trainflow.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["run", "nas-digits", "--nproc", "2"])
+    assert exit.value.code == 2
+    assert "--nproc trains one model with several processes; nas-digits runs a search" in capsys.readouterr().err
