@@ -407,3 +407,33 @@ def test_cli_nproc_refuses_a_search(capsys):
         main(["run", "nas-digits", "--nproc", "2"])
     assert exit.value.code == 2
     assert "--nproc trains one model with several processes; nas-digits runs a search" in capsys.readouterr().err
+
+
+def test_replicate_at_world_size_one_equals_one_process(monkeypatch):
+    """torchrun --nproc-per-node 1 (its environment, in this process): the distributed path alone."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    weights = []
+    for mode in ("off", "replicate"):
+        model = mlp(30)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        trainer = Trainer(model, [Step(lambda b: F.mse_loss(model(b[0]), b[1]), opt, name="fit", accumulate=2)],
+                          progress=False, distributed=mode)
+        assert trainer.world_size == 1 and trainer.is_global_zero
+        try:
+            trainer.fit(DataLoader(dataset(21, seed=31), batch_size=4, shuffle=True), epochs=2)
+            assert ("ranks" in trainer.state_dict()) == (mode == "replicate")
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        weights.append([p.detach() for p in model.parameters()])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)

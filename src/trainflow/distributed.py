@@ -58,6 +58,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _torchrun() -> bool:
+    """Whether torchrun started this process (at any world size, 1 included)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def _joined() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -102,7 +107,8 @@ def resolve(mode: Any, device: torch.device) -> Replicate | None:
     """The collectives of ``Trainer(..., distributed=mode)``: a :class:`Replicate`, or None for one process.
 
     "auto" is "replicate" under ``torchrun`` (``WORLD_SIZE`` > 1, or a process group already
-    initialised), one process otherwise; "replicate" needs one of them.
+    initialised), one process otherwise; "replicate" needs ``torchrun`` (any world size: at
+    ``--nproc-per-node 1`` it runs the distributed path alone) or an initialised group.
 
     Example:
         >>> import torch
@@ -112,12 +118,12 @@ def resolve(mode: Any, device: torch.device) -> Replicate | None:
     mode = check_mode(mode)
     if mode == "off":
         return None
-    if not (launched() or _joined()):
-        if mode == "auto":
-            return None
+    if mode == "auto" and not (launched() or (_joined() and dist.get_world_size() > 1)):
+        return None
+    if not (_torchrun() or _joined()):
         raise ValueError(
             "Trainer: distributed='replicate' needs several processes, but this one was not started by "
-            "torchrun (WORLD_SIZE is unset or 1) and no process group is initialised. Received: "
+            "torchrun (LOCAL_RANK and WORLD_SIZE are unset) and no process group is initialised. Received: "
             "distributed='replicate'. Launch the script with `torchrun --nproc-per-node 2 script.py`, or "
             "pass distributed='auto' to run in one process when not launched."
         )
