@@ -30,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def child(args: argparse.Namespace) -> None:
-    """One run: train, time the updates and the collectives, print one JSON line per rank."""
+    """One run: train, time the updates and the collectives; each rank writes its JSON file in ``--results``."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -107,15 +109,17 @@ def child(args: argparse.Namespace) -> None:
     trainer.fit(data, max_updates=args.warmup + args.updates)
     (t0, c0), (t1, c1) = clock.marks[args.warmup - 1], clock.marks[-1]
     n = len(clock.marks) - args.warmup
-    print(json.dumps({"rank": int(os.environ.get("RANK", "0")), "ms": 1e3 * (t1 - t0) / n,
-                      "comm_ms": 1e3 * (c1 - c0) / n}), flush=True)
+    rank = int(os.environ.get("RANK", "0"))
+    (Path(args.results) / f"rank{rank}.json").write_text(
+        json.dumps({"rank": rank, "ms": 1e3 * (t1 - t0) / n, "comm_ms": 1e3 * (c1 - c0) / n}))
 
 
 def launch(args: argparse.Namespace, model: str, nproc: int) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    results = Path(tempfile.mkdtemp(prefix="trainflow-dist-bench-"))
     flags = ["--child", "--model", model, "--batch", str(args.batch), "--warmup", str(args.warmup),
-             "--updates", str(args.updates)]
+             "--updates", str(args.updates), "--results", str(results)]
     if nproc == 1:
         cmd = [sys.executable, __file__, *flags]
     else:
@@ -124,12 +128,17 @@ def launch(args: argparse.Namespace, model: str, nproc: int) -> list[dict]:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         sys.exit(f"{model} with {nproc} process(es) failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    found = [json.loads(p.read_text()) for p in sorted(results.glob("rank*.json"))]
+    shutil.rmtree(results)
+    if len(found) != nproc:
+        sys.exit(f"{model} with {nproc} process(es): {len(found)} result file(s), expected {nproc}")
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--results", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=["mlp", "gan"], default="mlp")
     parser.add_argument("--models", default="mlp,gan", help="the models to compare (comma-separated)")
     parser.add_argument("--batch", type=int, default=256, help="the global batch (split over the ranks)")

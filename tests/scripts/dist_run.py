@@ -40,7 +40,6 @@ from kill_run import digest, final_state  # noqa: E402
 from trainflow import Average, Step, Trainer  # noqa: E402
 from trainflow.callbacks import Checkpoint, CSVLogger, LossLogger  # noqa: E402
 
-torch.set_default_dtype(torch.float64)
 F = torch.nn.functional
 
 
@@ -247,6 +246,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--kill-call", type=int, default=None)
     args = parser.parse_args()
+    torch.set_default_dtype(torch.float64)  # here, not at import: the suite imports this file for doctests
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mode == "scenarios":
         for scenario in SCENARIOS:
