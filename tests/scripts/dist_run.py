@@ -3,8 +3,10 @@
     python -m torch.distributed.run --nproc-per-node 2 tests/scripts/dist_run.py scenarios OUT
     python -m torch.distributed.run --nproc-per-node 2 tests/scripts/dist_run.py resume OUT [--kill-call C]
 
-``scenarios`` runs every scenario below in one launch (and the uninterrupted ``resume`` run, into
-``OUT/uninterrupted``) (a launch costs seconds; a scenario a
+``scenarios`` runs every scenario below in one launch, then the uninterrupted ``resume`` run (into
+``OUT/uninterrupted``), writes ``OUT/scenarios.done``, and last the ``resume`` run into
+``OUT/killed`` with ``--kill-call 12``, which ends the launch with rank 1 killed (a launch
+costs seconds: the test resumes that run in one more) (a launch costs seconds; a scenario a
 fraction of one), each a real ``Trainer`` under torchrun on gloo, and writes
 ``OUT/<scenario>.rank<r>.pt`` per rank: the final parameters and gradients, the counters, the
 logs. The test compares rank 0's with a one-process hand-written loop on the combined batches
@@ -252,6 +254,10 @@ def main() -> None:
         for scenario in SCENARIOS:
             scenario(args.out)
         resume_run(args.out / "uninterrupted", None)  # what the SIGKILL test's resumed run must end as
+        if dist.get_rank() == 0:
+            (args.out / "scenarios.done").write_text("ok\n")
+        dist.barrier()
+        resume_run(args.out / "killed", 12)  # rank 1 dies by SIGKILL in update 6's second chunk
     else:
         resume_run(args.out, args.kill_call)
     dist.destroy_process_group()
