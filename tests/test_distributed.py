@@ -285,6 +285,20 @@ def test_a_step_on_two_streams_with_two_normalisers(runs):
     assert r["updates"] == 10
 
 
+def test_a_list_of_batches_is_read_whole_by_every_rank(runs):
+    r = result(runs, "list")
+    model = mlp(26)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = dataset(12, seed=27).tensors
+    for _ in range(2):
+        for i in (0, 4, 8):
+            opt.zero_grad()
+            F.mse_loss(model(x[i:i + 4]), y[i:i + 4]).backward()
+            opt.step()
+    assert_same(r["params"], {"m": model})
+    assert r["updates"] == 6
+
+
 def test_a_stop_on_one_rank_stops_every_rank(runs):
     r = result(runs, "stop")  # rank 1 alone asked, after update 3
     assert (r["updates"], r["stop_reason"]) == (3, "requested")

@@ -212,8 +212,18 @@ def two_streams(out: Path) -> None:
     record(out, "streams", trainer, {"m": model})
 
 
+def batch_list(out: Path) -> None:
+    """A list of batches (not a DataLoader): every rank reads all of it; the epoch ends together."""
+    model = mlp(26)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = dataset(12, seed=27).tensors
+    trainer = Trainer(model, [Step(mse(model), opt, name="fit")], progress=False)
+    trainer.fit([(x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)], epochs=2)
+    record(out, "list", trainer, {"m": model})
+
+
 SCENARIOS = [accum, shuffled, token_average, empty_rank, lambda out: empty_rank(out, nonfinite=True), gan_flow,
-             partial, custom, stop_one, two_streams]
+             partial, custom, stop_one, two_streams, batch_list]
 
 
 def resume_run(out: Path, kill_call: int | None) -> None:
