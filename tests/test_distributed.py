@@ -196,6 +196,15 @@ def test_a_nonfinite_loss_on_one_rank_makes_every_rank_skip(runs):
     assert_same(r["params"], {"m": model})
 
 
+def test_a_nonfinite_loss_on_one_rank_raises_on_every_rank(runs):
+    r0, r1 = (torch.load(runs / f"raise.rank{r}.pt", weights_only=True) for r in range(WORLD))
+    assert r0["raised"] == r1["raised"] == (
+        "Step 'fit': loss 'loss' is nan at update 2. Lower the learning rate, clip gradients "
+        "(Step(..., clip_grad_norm=1.0)), or check the data for NaN/inf."
+    )
+    assert r0["updates"] == r1["updates"] == 1
+
+
 def test_gan_d3_g1_with_isolation(runs):
     r = result(runs, "gan")
     G, D = gan(10)

@@ -222,8 +222,21 @@ def batch_list(out: Path) -> None:
     record(out, "list", trainer, {"m": model})
 
 
+def raise_on_every_rank(out: Path) -> None:
+    """on_nonfinite="raise" with the NaN in rank 1's rows of global batch 1: every rank raises there."""
+    model = mlp(8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = Trainer(model, [Step(mse(model), opt, name="fit")], progress=False)
+    try:
+        trainer.fit(DataLoader(dataset(17, seed=9, nan_at=9), batch_size=4), epochs=1)
+        raised = None
+    except FloatingPointError as error:
+        raised = str(error)
+    record(out, "raise", trainer, {"m": model}, raised=raised)
+
+
 SCENARIOS = [accum, shuffled, token_average, empty_rank, lambda out: empty_rank(out, nonfinite=True), gan_flow,
-             partial, custom, stop_one, two_streams, batch_list]
+             partial, custom, stop_one, two_streams, batch_list, raise_on_every_rank]
 
 
 def resume_run(out: Path, kill_call: int | None) -> None:
