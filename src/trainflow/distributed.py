@@ -266,12 +266,14 @@ class Replicate:
             return values
         names = list(values)
         weighted = torch.stack([
-            torch.zeros((), dtype=torch.float64) if count == 0 else values[n].detach().double().cpu().reshape(()) * count
+            torch.zeros((), dtype=torch.float64) if count == 0
+            else values[n].detach().double().cpu().reshape(()) * count
             for n in names
         ] + [torch.tensor(float(count), dtype=torch.float64)])
         self.sum_([weighted])
         total = weighted[-1]
-        return {n: (weighted[i] / total).to(device=values[n].device, dtype=values[n].dtype) for i, n in enumerate(names)}
+        return {n: (weighted[i] / total).to(device=values[n].device, dtype=values[n].dtype)
+                for i, n in enumerate(names)}
 
     def sum_values(self, sums: Mapping[str, list]) -> None:
         """Validation's per-loss ``[total, count]`` summed over the ranks, in place."""

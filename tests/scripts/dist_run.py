@@ -207,7 +207,8 @@ def two_streams(out: Path) -> None:
         return {"fit": F.mse_loss(model(x), y), "valid": Average(0.5 * (model(vx) - vy).pow(2).sum(), len(vx))}
 
     trainer = Trainer(model, [Step(loss, opt, name="w", data=("train", "valid"))], progress=False)
-    data = {"train": DataLoader(dataset(18, seed=24), batch_size=2), "valid": DataLoader(dataset(10, seed=25), batch_size=2)}
+    data = {"train": DataLoader(dataset(18, seed=24), batch_size=2),
+            "valid": DataLoader(dataset(10, seed=25), batch_size=2)}
     trainer.fit(data, epochs=2)
     record(out, "streams", trainer, {"m": model})
 

@@ -55,7 +55,9 @@ def sq_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (model(x) - y).pow(2).sum()
 
 
-def token_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed squared error over the real tokens, and their count."""
     return ((model(x).squeeze(-1) - y).pow(2) * mask).sum(), mask.sum()
 

@@ -207,7 +207,8 @@ class Checkpoint:
     def _save(self, trainer: Any, value: float | None, reason: str) -> None:
         point = (trainer.updates, trainer.epoch)
         if point == self._saved_at:  # nothing happened since the last save (e.g. a signal right after an epoch end)
-            if reason == "signal" and self.records and self.records[-1]["reason"] != reason and getattr(trainer, "is_global_zero", True):
+            relabel = reason == "signal" and self.records and self.records[-1]["reason"] != reason
+            if relabel and getattr(trainer, "is_global_zero", True):  # under torchrun rank 0 writes
                 self.records[-1]["reason"] = reason  # what a restarted job looks for: it was interrupted
                 self._write_index()
             return
