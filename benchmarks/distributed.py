@@ -6,10 +6,10 @@ one process on global batches of ``--batch`` samples, and once under ``torchrun
 DataLoader). Each run is a fresh process (``--child``) with one torch thread per process.
 
 Reported per model: milliseconds per update (median of the ranks' means for the 2-process run),
-the milliseconds per update spent inside trainflow's collectives (the summed flat buffers of
-each window, and the one-flag stop agreement), and that share of the update. The reduction is
-not overlapped with backward (it runs once per window, after the window's last backward), so
-"comm" is what overlap could at most hide.
+with the gradients sent in buckets during the window's last backward (overlap, the default) and
+all at once after it (``trainflow.distributed.OVERLAP = False``), and the milliseconds per update
+spent inside trainflow's blocking collectives (waiting for the buckets, the counts and loss sums,
+the one-flag stop agreement) and that share of the update.
 
 Models:
 
@@ -22,7 +22,7 @@ communication is the figure to read.
 
 Run:
     python benchmarks/distributed.py                 # 30 warm-up + 200 timed updates per run
-    python benchmarks/distributed.py --quick         # smoke run (2 + 5 updates, mlp only)
+    python benchmarks/distributed.py --quick         # smoke run (2 + 5 updates, mlp only, overlap only)
 """
 
 from __future__ import annotations
@@ -49,12 +49,14 @@ def child(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     from trainflow import Step, Trainer
-    from trainflow.distributed import Replicate
+    import trainflow.distributed
+    from trainflow.distributed import Replicate, _Buckets
 
     torch.set_num_threads(1)
+    trainflow.distributed.OVERLAP = not args.no_overlap
     comm = [0.0]
-    for name in ("sum_", "any"):  # time trainflow's collectives
-        inner = getattr(Replicate, name)
+    for owner, name in ((Replicate, "sum_"), (Replicate, "any"), (_Buckets, "receive")):  # the blocking ones
+        inner = getattr(owner, name)
 
         def timed(self, *a, _inner=inner, **k):
             start = time.perf_counter()
@@ -63,7 +65,7 @@ def child(args: argparse.Namespace) -> None:
             finally:
                 comm[0] += time.perf_counter() - start
 
-        setattr(Replicate, name, timed)
+        setattr(owner, name, timed)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(0)
@@ -114,12 +116,12 @@ def child(args: argparse.Namespace) -> None:
         json.dumps({"rank": rank, "ms": 1e3 * (t1 - t0) / n, "comm_ms": 1e3 * (c1 - c0) / n}))
 
 
-def launch(args: argparse.Namespace, model: str, nproc: int) -> list[dict]:
+def launch(args: argparse.Namespace, model: str, nproc: int, overlap: bool = True) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     results = Path(tempfile.mkdtemp(prefix="trainflow-dist-bench-"))
     flags = ["--child", "--model", model, "--batch", str(args.batch), "--warmup", str(args.warmup),
-             "--updates", str(args.updates), "--results", str(results)]
+             "--updates", str(args.updates), "--results", str(results)] + ([] if overlap else ["--no-overlap"])
     if nproc == 1:
         cmd = [sys.executable, __file__, *flags]
     else:
@@ -139,12 +141,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--results", help=argparse.SUPPRESS)
+    parser.add_argument("--no-overlap", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=["mlp", "gan"], default="mlp")
     parser.add_argument("--models", default="mlp,gan", help="the models to compare (comma-separated)")
     parser.add_argument("--batch", type=int, default=256, help="the global batch (split over the ranks)")
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--updates", type=int, default=200)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 + 5 updates, mlp only")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 + 5 updates, mlp only, overlap only")
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -153,13 +156,15 @@ def main() -> None:
         args.warmup, args.updates, args.models = 2, 5, "mlp"
     print(f"global batch {args.batch}, {args.warmup} warm-up + {args.updates} timed updates, "
           f"1 torch thread per process, {os.cpu_count()} CPU(s)")
-    print(f"{'model':<6} {'1 proc ms/upd':>14} {'2 procs ms/upd':>15} {'comm ms/upd':>12} {'comm share':>11}")
+    print(f"{'model':<6} {'1 proc ms/upd':>14} {'2 procs':>16} {'ms/upd':>7} {'comm ms/upd':>12} {'comm share':>11}")
     for model in args.models.split(","):
         one = launch(args, model, 1)[0]
-        two = launch(args, model, 2)
-        ms = statistics.median(r["ms"] for r in two)
-        comm = statistics.median(r["comm_ms"] for r in two)
-        print(f"{model:<6} {one['ms']:>14.3f} {ms:>15.3f} {comm:>12.3f} {comm / ms:>10.0%}")
+        for overlap in (True,) if args.quick else (True, False):
+            two = launch(args, model, 2, overlap)
+            ms = statistics.median(r["ms"] for r in two)
+            comm = statistics.median(r["comm_ms"] for r in two)
+            label = "overlap" if overlap else "after backward"
+            print(f"{model:<6} {one['ms']:>14.3f} {label:>16} {ms:>7.3f} {comm:>12.3f} {comm / ms:>10.0%}")
 
 
 if __name__ == "__main__":

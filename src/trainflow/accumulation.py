@@ -15,6 +15,7 @@ plain loop bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -77,7 +78,9 @@ def accumulate_window(
     counts: dict[str, Any] = {}
     layout: dict[str, str] | None = None
     buffers: dict[str, list[torch.Tensor | None]] = {}
-    for chunk in chunks:
+    last = max((i for i, c in enumerate(chunks) if reduce is None or not empty(c)), default=-1)
+    overlapping = getattr(reduce, "__self__", None)  # the ranks' collectives (distributed training)
+    for i, chunk in enumerate(chunks):
         if reduce is not None and empty(chunk):
             continue
         terms = forward(chunk)
@@ -98,7 +101,9 @@ def accumulate_window(
             counts[group] = count if group not in counts else counts[group] + count
         if len(groups) == 1:
             ((total, _),) = groups.values()
-            scale(total).backward(inputs=params)
+            # the window's last backward: under torchrun its gradients are sent as they are made
+            with overlapping.overlapping(params) if overlapping is not None and i == last else nullcontext():
+                scale(total).backward(inputs=params)
         else:
             _into_buffers(groups, params, buffers, scale)
     if layout is None:  # no sample on this rank: its terms, so that it adds zeros to the same sums

@@ -45,6 +45,10 @@ __all__ = ["MODES", "WORLD_SIZE_CHANGES", "RankState", "Replicate", "launched", 
 MODES = ("auto", "replicate", "fsdp", "off")
 #: the values of ``fit(..., world_size_change=)``
 WORLD_SIZE_CHANGES = ("refuse", "allow")
+#: a window's gradients travel in buckets of about this many bytes, each sent during the last
+#: backward as soon as its gradients are final (False in OVERLAP: all at once, after it)
+BUCKET_BYTES = 1 << 20
+OVERLAP = True
 
 
 def launched() -> bool:
@@ -163,6 +167,8 @@ class Replicate:
         # the collectives' tensors live where the backend works: CUDA for NCCL, the CPU for gloo
         self.wire = device if dist.get_backend() == "nccl" else torch.device("cpu")
         self._sharded: dict[int, tuple[Any, Any]] = {}  # id(loader) -> (loader, this rank's share of it)
+        self._buckets: dict[tuple[int, ...], _Buckets] = {}  # by the ids of a window's parameters
+        self._in_flight: _Buckets | None = None
 
     # ------------------------------------------------------------------ the collectives
 
@@ -206,6 +212,29 @@ class Replicate:
 
     # ------------------------------------------------------------------ gradients
 
+    @contextmanager
+    def overlapping(self, params: Sequence[torch.Tensor]) -> Iterator[None]:
+        """Around a window's last backward: send each bucket of ``params``' gradients as soon as
+        they are final (the sum is collected by :meth:`window`)."""
+        if not OVERLAP:
+            yield
+            return
+        buckets = self._buckets_of(params)
+        removers = buckets.arm()
+        try:
+            yield
+        finally:
+            for remove in removers:
+                remove.remove()
+        self._in_flight = buckets
+
+    def _buckets_of(self, params: Sequence[torch.Tensor]) -> _Buckets:
+        key = tuple(id(p) for p in params)
+        buckets = self._buckets.get(key)
+        if buckets is None:
+            buckets = self._buckets[key] = _Buckets(params, self.wire)
+        return buckets
+
     def window(
         self,
         params: Sequence[torch.Tensor],
@@ -219,7 +248,29 @@ class Replicate:
         normaliser); ``counts`` maps each normaliser to this rank's count, ``sums`` each term to
         its loss sum (replaced by the global sum). Returns the global counts. A parameter that
         got no gradient on any rank keeps ``.grad`` None.
+
+        With one normaliser the gradients go in buckets (:class:`_Buckets`), in the same order on
+        every rank: those sent during the last backward (:meth:`overlapping`), the rest now.
         """
+        buckets, self._in_flight = self._in_flight, None
+        if not buffers and OVERLAP:
+            if buckets is None or [id(p) for p in buckets.params] != [id(p) for p in params]:  # no sample here
+                buckets = self._buckets_of(params)
+                buckets.reset()
+            reached = buckets.send_rest()
+            meta_t = torch.tensor([float(c) for c in counts.values()] + [float(r) for r in reached],
+                                  dtype=torch.float64)
+            names = list(sums)
+            sums_t = torch.stack([sums[n].detach().to(torch.float64).reshape(()).cpu() for n in names]) \
+                if names else None
+            self.sum_([meta_t] + ([sums_t] if sums_t is not None else []))
+            buckets.receive()
+            for p, r in zip(params, meta_t[len(counts):].tolist()):
+                if not r:
+                    p.grad = None
+            for i, n in enumerate(names):
+                sums[n] = sums_t[i].to(device=sums[n].device, dtype=sums[n].dtype)
+            return dict(zip(counts, meta_t[: len(counts)].tolist()))
         grads = _grads_of(params, buffers)
         reached = [g is not None for g in grads]
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(_param_per_grad(params, buffers), grads)]
@@ -389,6 +440,70 @@ def check_world_size_change(policy: Any) -> str:
             f"world_size_change={policy!r}. Pass 'allow' to resume a state saved under another world size."
         )
     return policy
+
+
+class _Buckets:
+    """A window's parameters in fixed buckets of about :data:`BUCKET_BYTES` (in reverse order,
+    the order in which backward finishes their gradients), each all-reduced asynchronously as one
+    flat buffer. Buckets are sent strictly in order on every rank, so the collectives match."""
+
+    def __init__(self, params: Sequence[torch.Tensor], wire: torch.device) -> None:
+        self.params = tuple(params)
+        self.wire = wire
+        self.buckets: list[list[int]] = []
+        size = BUCKET_BYTES
+        for i in reversed(range(len(self.params))):
+            p = self.params[i]
+            nbytes = p.numel() * p.element_size()
+            if size + nbytes > BUCKET_BYTES or (self.buckets and p.dtype != self.params[self.buckets[-1][0]].dtype):
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(i)
+            size += nbytes
+        self.bucket_of = {i: b for b, members in enumerate(self.buckets) for i in members}
+        self.reset()
+
+    def reset(self) -> None:
+        self.ready = [0] * len(self.buckets)
+        self.sent: list[tuple[torch.Tensor, Any]] = []
+        self.reached = [False] * len(self.params)
+
+    def arm(self) -> list[Any]:
+        """Hooks that mark each parameter's gradient final during the backward."""
+        self.reset()
+        return [p.register_post_accumulate_grad_hook(lambda _, i=i: self._final(i))
+                for i, p in enumerate(self.params) if p.requires_grad]
+
+    def _final(self, i: int) -> None:
+        b = self.bucket_of[i]
+        self.ready[b] += 1
+        while len(self.sent) < len(self.buckets) and self.ready[len(self.sent)] == len(self.buckets[len(self.sent)]):
+            self._send(len(self.sent))
+
+    def _send(self, b: int) -> None:
+        grads = []
+        for i in self.buckets[b]:
+            p = self.params[i]
+            self.reached[i] = p.grad is not None
+            grads.append(torch.zeros_like(p) if p.grad is None else p.grad)
+        flat = _flatten_dense_tensors([g.to(self.wire) for g in grads])
+        self.sent.append((flat, dist.all_reduce(flat, async_op=True)))
+
+    def send_rest(self) -> list[bool]:
+        """Send the buckets not sent yet (gradients of earlier chunks, or none); which parameters
+        have a gradient on this rank."""
+        while len(self.sent) < len(self.buckets):
+            self._send(len(self.sent))
+        return list(self.reached)
+
+    def receive(self) -> None:
+        """Wait for every bucket and put the sums in the parameters' ``.grad``."""
+        for b, (flat, work) in enumerate(self.sent):
+            work.wait()
+            members = [self.params[i] for i in self.buckets[b]]
+            for p, summed in zip(members, _unflatten_dense_tensors(flat, members)):
+                p.grad = summed.to(p.device)
+        self.sent = []
 
 
 def _by_dtype(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:

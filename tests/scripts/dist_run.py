@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_setups import dataset, gan, gan_data, mlp, tokens  # noqa: E402
 from kill_run import digest, final_state  # noqa: E402
 
+import trainflow.distributed  # noqa: E402
 from trainflow import Average, Step, Trainer  # noqa: E402
 from trainflow.callbacks import Checkpoint, CSVLogger, LossLogger  # noqa: E402
 
@@ -273,6 +274,7 @@ def main() -> None:
     parser.add_argument("--kill-call", type=int, default=None)
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)  # here, not at import: the suite imports this file for doctests
+    trainflow.distributed.BUCKET_BYTES = 64  # tiny models, many buckets: their order across ranks is tested
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mode == "scenarios":
         for scenario in SCENARIOS:
