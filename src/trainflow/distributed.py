@@ -15,6 +15,9 @@ parameters received a gradient; the gradients are then divided by the *global* c
 is the gradient of one process on the combined batch, for uneven windows and uneven token
 counts too (a rank with no sample in the last window adds zeros). A NaN or infinity on any
 rank is in the sums every rank receives, so every rank takes the same non-finite decision.
+With one normaliser the gradients travel in fixed buckets of about :data:`BUCKET_BYTES`, each
+all-reduced asynchronously as soon as the window's last backward has finished it (gradient
+hooks), in bucket order on every rank; the counts and loss sums follow in one small buffer.
 
 Nothing is wrapped in ``DistributedDataParallel``: a trainflow loss calls the user's module, and
 a step that owns part of a model differentiates into its own parameters only; summing exactly
