@@ -57,11 +57,7 @@ def hand_darts(model, alphas, opt, train, valid, epochs, *, arch_lr, unrolled=Fa
     valid_iter = iter(valid)
     for epoch in range(epochs):
         for x in train:
-            try:
-                v = next(valid_iter)
-            except StopIteration:
-                valid_iter = iter(valid)
-                v = next(valid_iter)
+            v, valid_iter = cycled(valid, valid_iter)
             if epoch >= warmup:
                 arch_opt.zero_grad()
                 if unrolled:
@@ -77,6 +73,15 @@ def hand_darts(model, alphas, opt, train, valid, epochs, *, arch_lr, unrolled=Fa
                 torch.nn.utils.clip_grad_norm_([p for _, p in weights], clip)
             opt.step()
     return arch_opt
+
+
+def cycled(loader, it):
+    """The next batch of ``it``, starting ``loader`` over when it runs out: (batch, iterator)."""
+    try:
+        return next(it), it
+    except StopIteration:
+        it = iter(loader)
+        return next(it), it
 
 
 def replaced(model):
@@ -229,3 +234,399 @@ def test_second_order_matches_the_exact_hypergradient(optimizer):
     assert all(torch.equal(b, p) for b, p in zip(before, params))
     assert all(g is p.grad for g, p in zip(grads_before, params))
     assert value.ndim == 0
+
+
+# ---------------------------------------------------------------------------- flows against hand loops
+
+
+def assert_optimizers_equal(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
+    sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+    assert sa.keys() == sb.keys() and sa
+    for key in sa:
+        for name, value in sa[key].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[key][name])), (key, name)
+
+
+@pytest.mark.parametrize("unrolled,optimizer", [(False, "momentum"), (True, "momentum"), (True, "adam")])
+def test_search_matches_the_hand_loop_bit_for_bit(unrolled, optimizer):
+    """An epoch is one pass over "train"; "valid" (5 batches against 8) cycles. The second-order hand loop
+    calls the same hypergradient function (its maths is checked against exact autograd above): what is
+    compared here is the flow: which batches, in which order, the virtual step's optimizer, the weights
+    left untouched by the architecture update."""
+    torch.manual_seed(0)
+    model = toy_space()
+    opt = (torch.optim.Adam(model.parameters(), lr=0.01) if optimizer == "adam"
+           else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    torch.manual_seed(1)
+    search = DartsTrainer(model, mse_of(model), opt, arch_lr=0.1, unrolled=unrolled, clip_grad_norm=0.5)
+    train, valid = toy_data(0), toy_data(1, n=160)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    search.fit(train, valid, epochs=2)
+    torch.manual_seed(0)
+    hand = toy_space()
+    hand_opt = (torch.optim.Adam(hand.parameters(), lr=0.01) if optimizer == "adam"
+                else torch.optim.SGD(hand.parameters(), lr=0.05, momentum=0.9))
+    torch.manual_seed(1)
+    alphas = replaced(hand)
+    arch_opt = hand_darts(hand, alphas, hand_opt, train, valid, 2, arch_lr=0.1, unrolled=unrolled, clip=0.5)
+    same_state(model, hand)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert search.trainer.updates == 2 * 2 * len(train)
+    assert_optimizers_equal(search.trainer.optimizers["train"], hand_opt)
+    assert_optimizers_equal(search.trainer.optimizers["arch"], arch_opt)
+    assert sorted(search.trainer.logs) == ["arch/loss", "train/loss"]
+
+
+def test_alphas_are_outside_the_weight_optimizer_and_its_clipping():
+    """With clipping, a hand loop that clips the weights only is matched bit for bit (above); here: the
+    weight optimizer never holds an alpha, and the weight step leaves the alphas' gradients alone."""
+    torch.manual_seed(0)
+    model = toy_space()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    search = DartsTrainer(model, mse_of(model), opt, arch_lr=0.1, clip_grad_norm=0.1)
+    alpha = search.arch_parameters()["act"]
+    assert all(p is not alpha for g in opt.param_groups for p in g["params"])
+    seen = []
+
+    class Watch:
+        def on_update_end(self, trainer, step, losses):
+            seen.append((step.name, alpha.detach().clone(), None if alpha.grad is None else alpha.grad.clone()))
+
+    search.trainer.events.add(Watch())
+    search.fit(toy_data(0, n=64), toy_data(1, n=64), epochs=1)
+    assert [name for name, _, _ in seen] == ["arch", "train"] * 2
+    for (_, a_arch, g_arch), (_, a_train, g_train) in zip(seen[::2], seen[1::2]):
+        assert torch.equal(a_arch, a_train) and torch.equal(g_arch, g_train)  # the weight step: alpha untouched
+
+
+def test_an_architecture_update_leaves_the_weights_bit_identical():
+    torch.manual_seed(0)
+    model = toy_space()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    search = DartsTrainer(model, mse_of(model), opt, arch_lr=0.1, unrolled=True)
+    alpha = search.arch_parameters()["act"]
+    snapshots = []
+
+    class Watch:
+        def on_update_end(self, trainer, step, losses):
+            weights = {n: p.detach().clone() for n, p in model.named_parameters() if p is not alpha}
+            grads = {n: p.grad for n, p in model.named_parameters() if p is not alpha}
+            snapshots.append((step.name, weights, grads, alpha.detach().clone()))
+
+    search.trainer.events.add(Watch())
+    search.fit(toy_data(0, n=96), toy_data(1, n=64), epochs=1)
+    pairs = list(zip(snapshots[1::2], snapshots[2::2]))  # (after a weight update, after the next arch update)
+    assert len(pairs) == 2
+    for (_, w_before, g_before, a_before), (name, w_after, g_after, a_after) in pairs:
+        assert name == "arch" and not torch.equal(a_before, a_after)
+        assert all(torch.equal(w_before[n], w_after[n]) for n in w_before)
+        assert all(g_before[n] is g_after[n] for n in g_before)  # the gradients too: not even replaced
+
+
+def test_gumbel_anneals_per_epoch_and_matches_a_hand_loop():
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = toy_space()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    torch.manual_seed(1)
+    search = DartsTrainer(model, mse_of(model), opt, arch_lr=0.1, gumbel=(4.0, 1.0))
+    taus = []
+
+    class Watch:
+        def on_epoch_start(self, trainer):
+            taus.append(search.flow.architecture.tau)
+
+    search.trainer.events.add(Watch())
+    train, valid = toy_data(0, n=64), toy_data(1, n=64)
+    search.fit(train, valid, epochs=3)
+    assert taus == [4.0, 2.5, 1.0]
+    torch.manual_seed(0)
+    hand = toy_space()
+    hand_opt = torch.optim.SGD(hand.parameters(), lr=0.05, momentum=0.9)
+    torch.manual_seed(1)
+    alphas = replaced(hand)
+    arch_opt = torch.optim.Adam(alphas, lr=0.1, betas=(0.5, 0.999), weight_decay=1e-3)
+    loss = mse_of(hand)
+    valid_iter = iter(valid)
+    for epoch in range(3):
+        hand[1]._architecture = SimpleNamespace(tau=4.0 - 1.5 * epoch)  # F.gumbel_softmax(alpha, tau) in training
+        for x in train:
+            v, valid_iter = cycled(valid, valid_iter)
+            arch_opt.zero_grad()
+            loss(v).backward()
+            arch_opt.step()
+            hand_opt.zero_grad()
+            loss(x).backward()
+            hand_opt.step()
+    same_state(model, hand)
+    model.eval()  # evaluation: plain softmax, no noise
+    x = torch.randn(4, 2)
+    assert torch.equal(model(x), model(x))
+
+
+def test_warmup_epochs_train_only_the_weights():
+    torch.manual_seed(0)
+    model = toy_space()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    torch.manual_seed(1)
+    search = DartsTrainer(model, mse_of(model), opt, arch_lr=0.1, warmup_epochs=2)
+    alpha = search.arch_parameters()["act"]
+    start = alpha.detach().clone()
+    train, valid = toy_data(0, n=64), toy_data(1, n=64)
+    search.fit(train, valid, epochs=2)
+    assert torch.equal(alpha, start) and search.trainer.optimizers["arch"].state_dict()["state"] == {}
+    assert "arch/loss" not in search.trainer.logs
+    search.fit(train, valid, epochs=3)  # the third epoch searches
+    assert not torch.equal(alpha, start)
+    torch.manual_seed(0)
+    hand = toy_space()
+    hand_opt = torch.optim.SGD(hand.parameters(), lr=0.05)
+    torch.manual_seed(1)
+    hand_darts(hand, replaced(hand), hand_opt, train, valid, 3, arch_lr=0.1, warmup=2)
+    same_state(model, hand)
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    def build():
+        torch.manual_seed(0)
+        model = toy_space()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return model, DartsTrainer(model, mse_of(model), opt, arch_lr=0.1, unrolled=True, gumbel=(2.0, 0.5))
+
+    full_model, full = build()
+    full.fit(toy_data(0, n=96), toy_data(1, n=64), epochs=2)
+    _, stopped = build()
+    stopped.fit(toy_data(0, n=96), toy_data(1, n=64), epochs=2, max_updates=7)  # mid-epoch, after an arch update
+    resumed_model, resumed = build()
+    resumed.load_state_dict(stopped.state_dict())
+    resumed.fit(toy_data(0, n=96), toy_data(1, n=64), epochs=2)
+    same_state(resumed_model, full_model)
+    assert_optimizers_equal(resumed.trainer.optimizers["arch"], full.trainer.optimizers["arch"])
+    assert_optimizers_equal(resumed.trainer.optimizers["train"], full.trainer.optimizers["train"])
+
+
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_the_toy_search_picks_the_needed_option_on_three_seeds(unrolled):
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = toy_space()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        search = DartsTrainer(model, mse_of(model), opt, arch_lr=0.1, unrolled=unrolled)
+        search.fit(toy_data(seed), toy_data(seed + 50), epochs=10)
+        probs = search.export_probs()["act"]
+        assert search.export() == {"act": "abs"} and probs["abs"] > 0.6, (seed, probs)
+
+
+# ---------------------------------------------------------------------------- any flow
+
+
+def test_darts_flow_searches_a_generator_inside_a_two_optimizer_flow():
+    def build():
+        torch.manual_seed(0)
+        gen = nn.Sequential(nn.Linear(2, 4), LayerChoice({"relu": nn.ReLU(), "tanh": nn.Tanh()}, label="act"),
+                            nn.Linear(4, 2))
+        disc = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
+        return gen, disc, torch.optim.SGD(gen.parameters(), lr=0.05), torch.optim.SGD(disc.parameters(), lr=0.05)
+
+    def losses(gen, disc):
+        def d_loss(batch):
+            fake = gen(batch).detach()
+            return F.softplus(-disc(batch)).mean() + F.softplus(disc(fake)).mean()
+
+        def g_loss(batch):
+            return F.softplus(-disc(gen(batch))).mean()
+
+        return d_loss, g_loss
+
+    gen, disc, g_opt, d_opt = build()
+    d_loss, g_loss = losses(gen, disc)
+    torch.manual_seed(1)
+    flow = darts_flow([Step(d_loss, d_opt, name="D"), Step(g_loss, g_opt, name="G")], gen, arch_lr=0.1)
+    assert [s.name for s in flow.steps] == ["arch", "D", "G"] and flow.steps[1].batch == "same"
+    events = []
+
+    class Watch:
+        def on_update_end(self, trainer, step, logs):
+            events.append((step.name, [p.detach().clone() for p in disc.parameters()],
+                           [p.grad for p in disc.parameters()]))
+
+    trainer = Trainer({"G": gen, "D": disc}, flow, callbacks=[Watch()])
+    g = torch.Generator().manual_seed(5)
+    train, valid = [torch.randn(8, 2, generator=g) for _ in range(6)], [torch.randn(8, 2, generator=g) for _ in range(4)]
+    trainer.fit({"train": train, "valid": valid}, epochs=2)
+    assert [e[0] for e in events] == ["arch", "D", "G"] * 6
+    for (name, weights, grads), (_, before, before_grads) in zip(events[3::3], events[2::3]):
+        assert name == "arch"  # isolation: the architecture step leaves D's weights and gradients alone
+        assert all(torch.equal(a, b) for a, b in zip(weights, before))
+        assert all(a is b for a, b in zip(grads, before_grads))
+    # the same flow by hand
+    hand_gen, hand_disc, hand_g_opt, hand_d_opt = build()
+    hand_d, hand_g = losses(hand_gen, hand_disc)
+    torch.manual_seed(1)
+    alphas = replaced(hand_gen)
+    arch_opt = torch.optim.Adam(alphas, lr=0.1, betas=(0.5, 0.999), weight_decay=1e-3)
+    valid_iter = iter(valid)
+    for _ in range(2):
+        it = iter(train)
+        for x in it:
+            v, valid_iter = cycled(valid, valid_iter)
+            arch_opt.zero_grad()
+            hand_g(v).backward()
+            arch_opt.step()
+            hand_d_opt.zero_grad()
+            hand_d(x).backward()
+            hand_d_opt.step()
+            hand_g_opt.zero_grad()
+            hand_g(next(it)).backward()
+            hand_g_opt.step()
+    same_state(gen, hand_gen)
+    same_state(disc, hand_disc)
+    assert flow.export() == {"act": max(flow.export_probs()["act"], key=flow.export_probs()["act"].get)}
+
+
+# ---------------------------------------------------------------------------- seed 002
+
+
+def test_seed_002_sketch_runs_as_written_and_equals_the_flow():
+    # seed 002's DartsLayerChoice and DartsTrainer, as written (after imports; the "..." filled in)
+    class DartsLayerChoice(nn.Module):
+        def __init__(self, layer_choice):
+            super(DartsLayerChoice, self).__init__()
+            self.name = layer_choice.key
+            self.op_choices = nn.ModuleDict(layer_choice.named_children())
+            self.alpha = nn.Parameter(torch.randn(len(self.op_choices)) * 1e-3)
+
+        def forward(self, *args, **kwargs):
+            op_results = torch.stack([op(*args, **kwargs) for op in self.op_choices.values()])
+            alpha_shape = [-1] + [1] * (len(op_results.size()) - 1)
+            return torch.sum(op_results * F.softmax(self.alpha, -1).view(*alpha_shape), 0)
+
+    def select_best_of_module(module):
+        return list(module.op_choices)[int(torch.argmax(module.alpha))]
+
+    class BaseOneShotTrainer:
+        pass
+
+    class SketchTrainer(BaseOneShotTrainer):
+
+        def __init__(self, model, loss, metrics, optimizer):
+            self.model = model
+            self.loss = loss
+            self.metrics = metrics
+            self.num_epochs = 10
+
+            self.nas_modules = []
+            replace_layer_choice(self.model, DartsLayerChoice, self.nas_modules)
+
+            self.train_loader, self.valid_loader = toy_data(0, n=128), toy_data(1, n=128)  # "..."
+            self.model_optim = optimizer
+            self.ctrl_optim = torch.optim.Adam([m.alpha for _, m in self.nas_modules], 0.1, betas=(0.5, 0.999),
+                                               weight_decay=1e-3)
+
+        def train_architecture(self, x, y):
+            self.ctrl_optim.zero_grad()
+            self.loss(self.model(x), y).backward()
+            self.ctrl_optim.step()
+
+        def train_model_weight(self, x, y):
+            self.model_optim.zero_grad()
+            self.loss(self.model(x), y).backward()
+            self.model_optim.step()
+
+        def fit(self):
+            for i in range(self.num_epochs):
+                for (trn_X, trn_y), (val_X, val_y) in zip(self.train_loader, self.valid_loader):
+                    self.train_architecture(val_X, val_y)
+                    self.train_model_weight(trn_X, trn_y)
+
+        @torch.no_grad()
+        def export(self):
+            result = dict()
+            for name, module in self.nas_modules:
+                if name not in result:
+                    result[name] = select_best_of_module(module)
+            return result
+
+    torch.manual_seed(0)
+    sketch_model = toy_space()
+    sketch = SketchTrainer(sketch_model, F.mse_loss, None, torch.optim.SGD(sketch_model.parameters(), lr=0.05))
+    sketch.fit()
+    torch.manual_seed(0)
+    model = toy_space()
+    search = DartsTrainer(model, mse_of(model), torch.optim.SGD(model.parameters(), lr=0.05), arch_lr=0.1)
+    search.fit(toy_data(0, n=128), toy_data(1, n=128), epochs=10)
+    same_state(model, sketch_model)  # the same keys too: op_choices.<option>, alpha
+    assert search.export() == sketch.export()
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_errors():
+    with pytest.raises(RuntimeError, match=r"LayerChoice 'act' has no chosen candidate"):
+        toy_space()(torch.ones(1, 2))
+    with pytest.raises(RuntimeError, match=r"One-shot trainers cannot use ValueChoice; use a LayerChoice"):
+        nn.Linear(2, ValueChoice([2, 4], label="width"))
+    plain = nn.Linear(2, 2)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"space has no LayerChoice or InputChoice.*Received: space of type Linear"):
+        DartsTrainer(plain, lambda b: b, plain_opt)
+    with pytest.raises(TypeError, match=r"space must be the model.*Received: space=<function toy_space.*Build the model"):
+        DartsTrainer(toy_space, lambda b: b, plain_opt)
+    model = toy_space()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    search = DartsTrainer(model, mse_of(model), opt)
+    with pytest.raises(ValueError, match=r"valid_data is required.*Received: valid_data=None"):
+        search.fit(toy_data(0), epochs=1)
+    # a space searched before keeps its alphas: an optimizer made on it afterwards holds them
+    again = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"optimizer of step 'train' holds the architecture weights of \['act'\]"):
+        DartsTrainer(model, mse_of(model), again)
+    with pytest.raises(ValueError, match=r"reduction='concat' cannot express. Received: reduction='concat'"):
+        DartsTrainer(nn.ModuleList([InputChoice(2, reduction="concat", label="c")]), lambda b: b, plain_opt)
+    model = toy_space()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for kwargs, message in [
+        ({"gumbel": (1.0,)}, r"gumbel must be None or a pair \(tau_start, tau_end\).*Received: gumbel=\(1.0,\)"),
+        ({"arch_lr": 0}, r"arch_lr must be a positive number. Received: arch_lr=0"),
+        ({"arch_betas": (0.5, 1.0)}, r"arch_betas must be a pair of numbers in \[0, 1\).*Received: arch_betas="),
+        ({"arch_weight_decay": -1}, r"arch_weight_decay must be a number >= 0. Received: arch_weight_decay=-1"),
+        ({"warmup_epochs": 1.5}, r"warmup_epochs must be an int >= 0.*Received: warmup_epochs=1.5"),
+        ({"unrolled": "yes"}, r"unrolled must be True or False. Received: unrolled='yes'"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            DartsTrainer(model, mse_of(model), opt, **kwargs)
+    with pytest.raises(TypeError, match=r"DartsTrainer: loss must be a function of the batch. Received: loss=1"):
+        DartsTrainer(model, 1, opt)
+    with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer.*Received: optimizer=\[\]"):
+        DartsTrainer(model, mse_of(model), [])
+    step = Step(mse_of(model), opt)
+    with pytest.raises(TypeError, match=r"darts_flow: steps must be a Step or a non-empty list.*Received: steps=\[\]"):
+        darts_flow([], model)
+    with pytest.raises(ValueError, match=r"gumbel anneals the temperature.*Received: gumbel=\(2.0, 1.0\), epochs=None"):
+        darts_flow(step, model, gumbel=(2.0, 1.0))
+    with pytest.raises(ValueError, match=r"valid must be the name of the validation stream.*Received: valid='train'"):
+        darts_flow(step, model, valid="train")
+    with pytest.raises(TypeError, match=r"loss must be a function of the batch or None. Received: loss=2"):
+        darts_flow(step, model, loss=2)
+    with pytest.raises(ValueError, match=r"first step reuses the architecture step's training batch.*accumulate=2"):
+        darts_flow(Step(mse_of(model), opt, accumulate=2), model)
+    other = nn.Linear(2, 1)
+    fresh = toy_space()
+    both = torch.optim.SGD([*fresh.parameters(), *other.parameters()], lr=0.1)
+    two = [torch.optim.SGD(fresh.parameters(), lr=0.1), torch.optim.SGD(other.parameters(), lr=0.1)]
+    with pytest.raises(ValueError, match=r"no step trains the weights of the space.*Received: steps \['l2'\]"):
+        darts_flow(Step(lambda b: other(b).pow(2).mean(), torch.optim.SGD(other.parameters(), lr=0.1), name="l2"),
+                   model)
+    with pytest.raises(ValueError, match=r"unrolled=True evaluates the virtual weights inside the space.*2 parameter"):
+        darts_flow(Step(mse_of(fresh), both), fresh, unrolled=True)
+    with pytest.raises(ValueError, match=r"unrolled=True takes its virtual step with the optimizer of step 'mse'.*has 2"):
+        darts_flow(Step(mse_of(fresh), two, name="mse"), fresh, unrolled=True)
+
+
+def test_describe_shows_both_steps():
+    model = toy_space()
+    search = DartsTrainer(model, mse_of(model), torch.optim.SGD(model.parameters(), lr=0.1))
+    table = search.trainer.describe()
+    assert "arch" in table and "train" in table and "Adam" in table and "SGD" in table

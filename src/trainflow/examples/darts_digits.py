@@ -41,7 +41,10 @@ from trainflow.examples.artifacts import finish, interrupted, run_callbacks, sta
 from trainflow.examples.nas_digits import NOISE, Noisy, Zero
 from trainflow.nas import DartsTrainer, LayerChoice, fixed_arch
 
-__all__ = ["DESCRIPTION", "EPOCHS", "KNOWN_BEST", "RETRAIN_EPOCHS", "ArchitectureLog", "alphas_figure", "space", "run"]
+__all__ = [
+    "DESCRIPTION", "EPOCHS", "KNOWN_BEST", "RETRAIN_EPOCHS", "ArchitectureLog", "alphas_figure", "halves", "retrain",
+    "space", "run",
+]
 
 DESCRIPTION = "DARTS on 8x8 digits: input {clean, noisy} x block {mlp, identity, zero}, then retrain (seed 002)"
 # Measured (benchmarks/nas.py --darts-only, seeds 0-4): 10 epochs pick clean + identity, with
@@ -133,16 +136,30 @@ def alphas_figure(history: list[dict[str, dict[str, float]]]) -> Figure:
     return fig
 
 
-def _halves(loader: DataLoader, seed: int) -> tuple[DataLoader, DataLoader]:
-    """The training split cut in two (weights, architecture), fixed by ``seed`` (its own generator)."""
+def halves(loader: DataLoader, seed: int) -> tuple[DataLoader, DataLoader]:
+    """The training split cut in two shuffled loaders (weights, architecture), fixed by ``seed`` (its own generator).
+
+    Example:
+        >>> from trainflow.data import digits
+        >>> weights, arch = halves(digits(batch_size=64)[0], seed=0)
+        >>> len(weights.dataset), len(arch.dataset)
+        (719, 719)
+    """
     n = len(loader.dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return tuple(DataLoader(Subset(loader.dataset, part), batch_size=loader.batch_size, shuffle=True)
                  for part in (order[: n // 2], order[n // 2:]))
 
 
-def _retrain(arch: dict[str, Any], train: DataLoader, val: DataLoader, seed: int) -> float:
-    """Train the plain model of ``arch`` from scratch; its held-out accuracy."""
+def retrain(arch: dict[str, Any], train: DataLoader, val: DataLoader, seed: int, epochs: int = RETRAIN_EPOCHS) -> float:
+    """Train the plain model of ``arch`` from scratch (SGD with momentum, ``epochs`` epochs); its accuracy on ``val``.
+
+    Example:
+        >>> from trainflow.data import digits
+        >>> train, val = digits(batch_size=64)
+        >>> round(retrain({"input": "clean", "block": "zero"}, train, val, seed=0, epochs=1), 2)  # chance
+        0.1
+    """
     torch.manual_seed(seed)
     with fixed_arch(arch):
         model = space()
@@ -159,7 +176,7 @@ def _retrain(arch: dict[str, Any], train: DataLoader, val: DataLoader, seed: int
 
     trainer = Trainer(model, Step(loss, optimizer, name="retrain"), metrics={"val/acc": accuracy}, device="cpu",
                       progress=False)
-    trainer.fit(train, epochs=RETRAIN_EPOCHS, val_data=val, val_step=val_step)
+    trainer.fit(train, epochs=epochs, val_data=val, val_step=val_step)
     return trainer.logs["val/acc"]
 
 
@@ -173,7 +190,7 @@ def run(
     """
     out_dir, epochs = start(out_dir, epochs, EPOCHS, seed)
     train, val = digits(batch_size=64, seed=seed)
-    weights_half, arch_half = _halves(train, seed)
+    weights_half, arch_half = halves(train, seed)
     model = space()
 
     def loss(batch: Any) -> torch.Tensor:
@@ -195,7 +212,7 @@ def run(
         (out_dir / "best_arch.json").write_text(json.dumps(arch) + "\n")
         alphas_figure(log.history).savefig(out_dir / "alphas.png", dpi=100)
         logs = finish(out_dir, search.trainer)
-        accuracy = _retrain(arch, train, val, seed)
+        accuracy = retrain(arch, train, val, seed)
     finally:
         torch.set_num_threads(threads)
     print(f"chosen: {json.dumps(arch)}; retrained from scratch for {RETRAIN_EPOCHS} epochs: "
