@@ -125,7 +125,7 @@ def test_mixing_is_seed_002s_and_labels_share_one_alpha():
     ops = torch.stack([x, x.abs(), torch.sigmoid(x)])
     expected = torch.sum(ops * F.softmax(alphas["out"], -1).view(-1, 1, 1), 0)
     assert torch.equal(model[4](x), expected)
-    assert search.export() == {"act": max(["0", "1"], key=lambda o: float(alphas["act"][int(o)])), "out": "2"}
+    assert search.export() == {"act": max(["0", "1"], key=lambda o: alphas["act"][int(o)].item()), "out": "2"}
     probs = search.export_probs()["out"]
     assert list(probs) == ["0", "1", "2"] and probs["2"] == pytest.approx(F.softmax(alphas["out"], -1)[2].item())
     # the alphas are parameters of the space, held by the architecture optimizer only
@@ -272,9 +272,9 @@ def test_search_matches_the_hand_loop_bit_for_bit(unrolled, optimizer):
     same_state(model, hand)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert search.trainer.updates == 2 * 2 * len(train)
-    assert_optimizers_equal(search.trainer.optimizers["train"], hand_opt)
+    assert_optimizers_equal(search.trainer.optimizers["weights"], hand_opt)
     assert_optimizers_equal(search.trainer.optimizers["arch"], arch_opt)
-    assert sorted(search.trainer.logs) == ["arch/loss", "train/loss"]
+    assert sorted(search.trainer.logs) == ["arch/loss", "weights/loss"]
 
 
 def test_alphas_are_outside_the_weight_optimizer_and_its_clipping():
@@ -294,7 +294,7 @@ def test_alphas_are_outside_the_weight_optimizer_and_its_clipping():
 
     search.trainer.events.add(Watch())
     search.fit(toy_data(0, n=64), toy_data(1, n=64), epochs=1)
-    assert [name for name, _, _ in seen] == ["arch", "train"] * 2
+    assert [name for name, _, _ in seen] == ["arch", "weights"] * 2
     for (_, a_arch, g_arch), (_, a_train, g_train) in zip(seen[::2], seen[1::2]):
         assert torch.equal(a_arch, a_train) and torch.equal(g_arch, g_train)  # the weight step: alpha untouched
 
@@ -398,12 +398,13 @@ def test_state_dict_round_trip_resumes_exactly():
     full.fit(toy_data(0, n=96), toy_data(1, n=64), epochs=2)
     _, stopped = build()
     stopped.fit(toy_data(0, n=96), toy_data(1, n=64), epochs=2, max_updates=7)  # mid-epoch, after an arch update
+    state = stopped.state_dict()  # now: it holds the global RNG as it is (the Gumbel noise comes from it)
     resumed_model, resumed = build()
-    resumed.load_state_dict(stopped.state_dict())
+    resumed.load_state_dict(state)
     resumed.fit(toy_data(0, n=96), toy_data(1, n=64), epochs=2)
     same_state(resumed_model, full_model)
     assert_optimizers_equal(resumed.trainer.optimizers["arch"], full.trainer.optimizers["arch"])
-    assert_optimizers_equal(resumed.trainer.optimizers["train"], full.trainer.optimizers["train"])
+    assert_optimizers_equal(resumed.trainer.optimizers["weights"], full.trainer.optimizers["weights"])
 
 
 @pytest.mark.parametrize("unrolled", [False, True])
@@ -581,7 +582,7 @@ def test_errors():
         search.fit(toy_data(0), epochs=1)
     # a space searched before keeps its alphas: an optimizer made on it afterwards holds them
     again = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"optimizer of step 'train' holds the architecture weights of \['act'\]"):
+    with pytest.raises(ValueError, match=r"optimizer of step 'weights' holds the architecture weights of \['act'\]"):
         DartsTrainer(model, mse_of(model), again)
     with pytest.raises(ValueError, match=r"reduction='concat' cannot express. Received: reduction='concat'"):
         DartsTrainer(nn.ModuleList([InputChoice(2, reduction="concat", label="c")]), lambda b: b, plain_opt)
@@ -629,4 +630,4 @@ def test_describe_shows_both_steps():
     model = toy_space()
     search = DartsTrainer(model, mse_of(model), torch.optim.SGD(model.parameters(), lr=0.1))
     table = search.trainer.describe()
-    assert "arch" in table and "train" in table and "Adam" in table and "SGD" in table
+    assert "arch" in table and "weights" in table and "Adam" in table and "SGD" in table

@@ -91,7 +91,7 @@ def test_supernet_training_matches_a_hand_written_loop():
     assert torch.equal(trainer.sampler.generator.get_state(), g.get_state())
     assert set(paths) == set(OPTIONS)  # every option was trained, one path per update
     # the optimizer's state too: "lin" got no gradient, nor momentum, in the updates that did not sample it
-    mine, theirs = trainer.trainer.optimizers["train"].state_dict()["state"], opt.state_dict()["state"]
+    mine, theirs = trainer.trainer.optimizers["supernet"].state_dict()["state"], opt.state_dict()["state"]
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k]["momentum_buffer"], theirs[k]["momentum_buffer"]) for k in mine)
 
@@ -179,8 +179,8 @@ def test_state_dict_resume_is_exact_with_the_sampler():
     resumed.fit(data(), epochs=2)
     same_state(resumed_model, full.space)
     assert torch.equal(resumed.sampler.generator.get_state(), full.sampler.generator.get_state())
-    for key, value in full.trainer.optimizers["train"].state_dict()["state"].items():
-        other = resumed.trainer.optimizers["train"].state_dict()["state"][key]
+    for key, value in full.trainer.optimizers["supernet"].state_dict()["state"].items():
+        other = resumed.trainer.optimizers["supernet"].state_dict()["state"][key]
         assert torch.equal(value["momentum_buffer"], other["momentum_buffer"])
 
 

@@ -61,7 +61,7 @@ def darts(out: Path, pauser: Any, printer: Any) -> tuple[Trainer, Any, dict]:
         x, y = batch
         return F.mse_loss(model(x), y)
 
-    flow = darts_flow(Step(mse, opt, name="train"), model, arch_lr=0.05, unrolled=True, gumbel=(2.0, 0.5),
+    flow = darts_flow(Step(mse, opt, name="weights"), model, arch_lr=0.05, unrolled=True, gumbel=(2.0, 0.5),
                       epochs=EPOCHS["darts"])
     trainer = Trainer(model, flow, callbacks=_callbacks(printer), device="cpu", out_dir=out)
     return trainer, {"train": _loader(24, 1), "valid": _loader(16, 2)}, {}

@@ -13,7 +13,7 @@ In trainflow that is not a trainer of its own but a flow of two steps (Liu et al
   ``"valid"`` stream, by Adam (``arch_lr``, ``arch_betas``, ``arch_weight_decay``, as in
   DARTS); it reads the ``"train"`` stream too, first, so that an epoch ends when "train" runs
   out, before an extra architecture update;
-- the **weight step** (``"train"``): the user's ``Step(loss, optimizer)`` on that same
+- the **weight step** (``"weights"`` in ``DartsTrainer``): the user's ``Step(loss, optimizer)`` on that same
   training batch (``batch="same"``).
 
 So one update cycle is what a hand-written loop ``for x in train: v = next(valid_iter);
@@ -617,7 +617,7 @@ class DartsTrainer:
     """DARTS (Liu et al., 2019) on trainflow's ``Trainer``: a search that is a flow of two steps.
 
     ``DartsTrainer(space, loss, optimizer)`` is :func:`darts_flow` with one weight step,
-    ``Step(loss, optimizer, name="train")``, run by a :class:`~trainflow.Trainer`
+    ``Step(loss, optimizer, name="weights")``, run by a :class:`~trainflow.Trainer`
     (``trainer``): callbacks, logs, checkpoints and exact resume are the trainer's.
 
     Args:
@@ -675,7 +675,7 @@ class DartsTrainer:
                 "DartsTrainer: optimizer must be a torch.optim.Optimizer over the space's weights. "
                 f"Received: optimizer={optimizer!r}. Pass e.g. torch.optim.SGD(model.parameters(), lr=0.025)."
             )
-        step = Step(loss, optimizer, name="train", clip_grad_norm=clip_grad_norm)
+        step = Step(loss, optimizer, name="weights", clip_grad_norm=clip_grad_norm)
         taus = _check_gumbel(gumbel, "DartsTrainer")
         self.flow = darts_flow(
             step, space, arch_lr=arch_lr, arch_betas=arch_betas, arch_weight_decay=arch_weight_decay,

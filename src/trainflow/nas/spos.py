@@ -3,7 +3,7 @@
 :class:`SinglePathTrainer` replaces each ``LayerChoice`` of the space by a
 :class:`SampledLayerChoice` and each ``InputChoice`` by a :class:`SampledInputChoice`, which
 run only the option currently chosen. Training is the plain step ``Step(loss, optimizer,
-name="train")``; before each update the callback :class:`PathSampler` sets one option per label,
+name="supernet")``; before each update the callback :class:`PathSampler` sets one option per label,
 drawn uniformly from its own ``torch.Generator`` (seeded by ``seed``; its state is part of
 every checkpoint, so a resumed supernet training samples the same paths). Options not on the
 path get no gradient in that update (``None``: SGD's momentum and Adam's moments skip them).
@@ -226,7 +226,7 @@ class SinglePathTrainer:
         self.sampler = PathSampler(self.search_space, self.set_path, seed)
         self.trials: list[tuple[dict[str, Any], float]] = []
         self._best: dict[str, Any] | None = None
-        step = Step(loss, optimizer, name="train", clip_grad_norm=clip_grad_norm)
+        step = Step(loss, optimizer, name="supernet", clip_grad_norm=clip_grad_norm)
         self.trainer = Trainer(space, step, callbacks=[self.sampler, *callbacks], out_dir=out_dir, **trainer_options)
 
     def set_path(self, arch: dict[str, Any]) -> None:
