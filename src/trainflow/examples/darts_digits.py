@@ -199,7 +199,7 @@ def run(
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     log = ArchitectureLog(lambda: None)
-    search = DartsTrainer(model, loss, optimizer, arch_lr=3e-3, callbacks=run_callbacks(progress, log),
+    search = DartsTrainer(model, loss, optimizer, arch_lr=3e-3, callbacks=run_callbacks(progress, first=(log,)),
                           out_dir=out_dir)
     log.probs = search.export_probs
     threads = torch.get_num_threads()
