@@ -65,7 +65,7 @@ from trainflow.schedules import Schedule
 from trainflow.step import Step
 from trainflow.trainer import Trainer
 
-__all__ = ["DartsFlow", "DartsInputChoice", "DartsLayerChoice", "DartsTrainer", "darts_flow"]
+__all__ = ["DartsFlow", "DartsInputChoice", "DartsLayerChoice", "DartsTrainer", "darts_flow", "hypergradient"]
 
 #: the architecture step's name (its optimizer, its logs "arch/loss", its checkpoint keys)
 ARCH = "arch"
@@ -373,6 +373,8 @@ def hypergradient(
 class _Anneal:
     """The Gumbel temperature of epoch ``e``: linear from ``start`` (first epoch) to ``end`` (last)."""
 
+    __name__ = "gumbel_anneal"  # how describe() names the schedule
+
     def __init__(self, start: float, end: float, epochs: int | None) -> None:
         self.start, self.end, self.epochs = start, end, epochs
 
@@ -423,6 +425,26 @@ class DartsFlow(Flow):
     A :class:`~trainflow.Flow` (``Trainer`` takes it as its steps) that also reads the
     architecture: :meth:`export`, :meth:`export_probs`, :meth:`arch_parameters`;
     ``arch_optimizer`` is the architecture step's Adam and ``arch_step`` that step.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from trainflow import Step
+        >>> from trainflow.nas import InputChoice, darts_flow
+        >>> class Skip(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc, self.pick = nn.Linear(2, 2), InputChoice(2, label="skip")
+        ...     def forward(self, x):
+        ...         return self.pick([x, self.fc(x)])
+        >>> model = Skip()
+        >>> flow = darts_flow(Step(lambda b: model(b).sum(), torch.optim.SGD(model.parameters(), lr=0.1)), model)
+        >>> with torch.no_grad():
+        ...     _ = flow.arch_parameters()["skip"].copy_(torch.tensor([0.0, 1.0]))
+        >>> flow.export(), {i: round(p, 3) for i, p in flow.export_probs()["skip"].items()}
+        ({'skip': [1]}, {0: 0.269, 1: 0.731})
+        >>> type(flow.arch_optimizer).__name__, flow.arch_step.name
+        ('Adam', 'arch')
     """
 
     def __init__(self, steps: Sequence[Step], architecture: _Architecture, anneal: _Anneal | None) -> None:
@@ -581,7 +603,11 @@ def darts_flow(
     arch_opt = torch.optim.Adam([group], lr=arch_lr, betas=tuple(arch_betas), weight_decay=arch_weight_decay)
     architecture.optimizer = arch_opt
     anneal = None if taus is None else _Anneal(*taus, epochs)
-    schedules = [Schedule(lambda epoch: epoch < warmup_epochs, interval="epoch", key="frozen")]
+
+    def warmup(epoch: int) -> bool:
+        return epoch < warmup_epochs
+
+    schedules = [Schedule(warmup, interval="epoch", key="frozen")]
     if anneal is not None:
         schedules.append(Schedule(anneal, interval="epoch", key="tau"))
     name = ARCH
