@@ -603,7 +603,9 @@ def test_errors():
     with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer.*Received: optimizer=\[\]"):
         DartsTrainer(model, mse_of(model), [])
     step = Step(mse_of(model), opt)
-    with pytest.raises(TypeError, match=r"darts_flow: steps must be a Step or a non-empty list.*Received: steps=\[\]"):
+    with pytest.raises(ValueError, match=r"cannot run under precision='16-mixed'. Received: unrolled=True"):
+        DartsTrainer(model, mse_of(model), opt, unrolled=True, precision="16-mixed")
+    with pytest.raises(TypeError, match=r"darts_flow: steps must be a Step, a non-empty list.*Received: steps=\[\]"):
         darts_flow([], model)
     with pytest.raises(ValueError, match=r"gumbel anneals the temperature.*Received: gumbel=\(2.0, 1.0\), epochs=None"):
         darts_flow(step, model, gumbel=(2.0, 1.0))
@@ -631,3 +633,12 @@ def test_describe_shows_both_steps():
     search = DartsTrainer(model, mse_of(model), torch.optim.SGD(model.parameters(), lr=0.1))
     table = search.trainer.describe()
     assert "arch" in table and "weights" in table and "Adam" in table and "SGD" in table
+
+
+def test_darts_flow_keeps_a_flows_restart():
+    from trainflow import Flow
+
+    model = toy_space()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    flow = darts_flow(Flow([Step(mse_of(model), opt, name="fit")], restart="epoch"), model)
+    assert flow.restart == "epoch" and [(s.name, s.batch) for s in flow.steps] == [("arch", "next"), ("fit", "same")]

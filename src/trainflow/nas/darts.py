@@ -71,6 +71,11 @@ __all__ = ["DartsFlow", "DartsInputChoice", "DartsLayerChoice", "DartsTrainer", 
 ARCH = "arch"
 #: the name of each replaced module's architecture weights
 ALPHA = "alpha"
+_UNROLLED_FP16 = (
+    "unrolled=True computes the architecture gradient itself (torch.autograd.grad, outside the float16 loss "
+    "scaler), so it cannot run under precision='16-mixed'. Received: unrolled=True, precision='16-mixed'. Use "
+    "precision='bf16-mixed' or '32', or search first order."
+)
 
 
 def _softmax_or_gumbel(module: nn.Module) -> torch.Tensor:
@@ -134,7 +139,7 @@ class DartsInputChoice(nn.Module):
         >>> from trainflow.nas.darts import DartsInputChoice
         >>> mixed = DartsInputChoice(InputChoice(2, label="skip"), torch.nn.Parameter(torch.zeros(2)))
         >>> mixed([torch.zeros(1), torch.ones(1)])  # equal weights
-        tensor([0.5000], grad_fn=<MulBackward0>)
+        tensor([0.5000], grad_fn=<SumBackward1>)
     """
 
     def __init__(self, choice: InputChoice, alpha: nn.Parameter | None = None, architecture: Any = None) -> None:
@@ -159,7 +164,7 @@ class DartsInputChoice(nn.Module):
         stacked = torch.stack(list(inputs))
         alpha_shape = [-1] + [1] * (stacked.dim() - 1)
         mixed = torch.sum(stacked * _softmax_or_gumbel(self).view(*alpha_shape), 0)
-        return mixed * self.n_chosen if self.reduction == "sum" and self.n_chosen > 1 else mixed * 1
+        return mixed * self.n_chosen if self.reduction == "sum" and self.n_chosen > 1 else mixed
 
     def extra_repr(self) -> str:
         return f"label={self.label!r}, n_chosen={self.n_chosen}, reduction={self.reduction!r}"
@@ -447,8 +452,10 @@ class DartsFlow(Flow):
         ('Adam', 'arch')
     """
 
-    def __init__(self, steps: Sequence[Step], architecture: _Architecture, anneal: _Anneal | None) -> None:
-        super().__init__(list(steps))
+    def __init__(
+        self, steps: Sequence[Step], architecture: _Architecture, anneal: _Anneal | None, restart: str = "never"
+    ) -> None:
+        super().__init__(list(steps), restart=restart)
         self.architecture = architecture
         self.arch_step = self.steps[0]
         self.arch_optimizer = self.arch_step.optimizers[0]
@@ -493,7 +500,7 @@ def darts_flow(
     searched by ``darts_flow([d_step, g_step], generator)``.
 
     Args:
-        steps: the user's flow (a Step or a list of Steps).
+        steps: the user's flow (a Step, a list of Steps, or a Flow: its ``restart`` is kept).
         space: the model holding the LayerChoice / InputChoice modules (one model of the flow).
         loss: the architecture's loss on a ``valid`` batch (default: the loss of the first step
             that trains weights of ``space``); with ``unrolled``, also its training loss.
@@ -524,10 +531,13 @@ def darts_flow(
         (8, ['relu', 'tanh'])
     """
     where = "darts_flow"
+    restart = steps.restart if isinstance(steps, Flow) else "never"
+    if isinstance(steps, Flow):
+        steps = list(steps.steps)
     steps = [steps] if isinstance(steps, Step) else list(steps) if isinstance(steps, (list, tuple)) else steps
     if not isinstance(steps, list) or not steps or not all(isinstance(s, Step) for s in steps):
         raise TypeError(
-            f"{where}: steps must be a Step or a non-empty list of Steps. Received: steps={steps!r}. "
+            f"{where}: steps must be a Step, a non-empty list of Steps or a Flow. Received: steps={steps!r}. "
             "Pass the flow that trains the weights, e.g. [Step(loss, optimizer)]."
         )
     _check_hyper(where, arch_lr, arch_betas, arch_weight_decay, warmup_epochs)
@@ -617,6 +627,8 @@ def darts_flow(
             ctx.zero_grad(arch_opt)
             ctx.step(arch_opt)
             return None
+        if unrolled and ctx._runner.precision.scaler is not None:
+            raise ValueError(_UNROLLED_FP16)
         if not unrolled:
             value = _with_aux(_scalar(arch_loss(batch[valid]), name), ctx)
             ctx.minimize(value, arch_opt)
@@ -635,7 +647,7 @@ def darts_flow(
     arch_step = Step.custom(arch, arch_opt, name=name, data=("train", valid), scheduler=schedules)
     same = copy.copy(first)
     same.batch = "same"
-    flow = DartsFlow([arch_step, same, *steps[1:]], architecture, anneal)
+    flow = DartsFlow([arch_step, same, *steps[1:]], architecture, anneal, restart)
     return flow
 
 
@@ -701,6 +713,8 @@ class DartsTrainer:
                 "DartsTrainer: optimizer must be a torch.optim.Optimizer over the space's weights. "
                 f"Received: optimizer={optimizer!r}. Pass e.g. torch.optim.SGD(model.parameters(), lr=0.025)."
             )
+        if unrolled is True and trainer_options.get("precision") == "16-mixed":
+            raise ValueError(_UNROLLED_FP16)
         step = Step(loss, optimizer, name="weights", clip_grad_norm=clip_grad_norm)
         taus = _check_gumbel(gumbel, "DartsTrainer")
         self.flow = darts_flow(
