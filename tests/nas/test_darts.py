@@ -25,7 +25,11 @@ class Abs(nn.Module):
 
 
 def toy_space(hidden: int = 8) -> nn.Module:
-    """One LayerChoice between two linear layers; ``y = |x0| + |x1|`` needs the ``abs`` option."""
+    """One LayerChoice between two linear layers; ``y = |x0| + |x1|`` needs the ``abs`` option.
+
+    (With ``y = |x0| - x1`` the mixture itself fits best: ``abs`` for ``|x0|`` and ``identity`` for
+    the linear ``-x1``, so no single option is needed and seeds disagree.)
+    """
     return nn.Sequential(
         nn.Linear(2, hidden),
         LayerChoice({"identity": nn.Identity(), "tanh": nn.Tanh(), "abs": Abs()}, label="act"),
