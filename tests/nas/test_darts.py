@@ -588,6 +588,8 @@ def test_errors():
     again = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"optimizer of step 'weights' holds the architecture weights of \['act'\]"):
         DartsTrainer(model, mse_of(model), again)
+    weights_only = torch.optim.SGD([p for n, p in model.named_parameters() if not n.endswith("alpha")], lr=0.1)
+    assert DartsTrainer(model, mse_of(model), weights_only).arch_parameters()["act"] is search.arch_parameters()["act"]
     with pytest.raises(ValueError, match=r"reduction='concat' cannot express. Received: reduction='concat'"):
         DartsTrainer(nn.ModuleList([InputChoice(2, reduction="concat", label="c")]), lambda b: b, plain_opt)
     model = toy_space()

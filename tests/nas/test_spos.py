@@ -121,6 +121,18 @@ def test_search_scores_architectures_with_the_shared_weights():
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # no retraining
 
 
+def test_a_search_between_two_fits_changes_nothing_in_the_training():
+    model, trainer = spos()
+    trainer.fit(data(), epochs=1)
+    trainer.search(lambda m: 0.0, strategy=GridSearch())  # sets every path in turn
+    other = next(o for o in OPTIONS if o != trainer.sampler.path["act"])
+    trainer.set_path({"act": other})  # wherever the search ended: not the next update's path
+    trainer.fit(data(), epochs=2)
+    plain_model, plain = spos()
+    plain.fit(data(), epochs=2)
+    same_state(model, plain_model)
+
+
 def test_evolution_search_is_reproducible_and_respects_max_trials():
     torch.manual_seed(0)
 

@@ -102,8 +102,8 @@ class PathSampler:
     """A callback that sets the supernet to a uniformly drawn path before each update.
 
     It draws one option per label from its own ``torch.Generator`` (seeded by ``seed``) and sets
-    it with ``set_path``: at ``on_fit_start`` when no path is set yet, then after every update
-    (``on_update_end``), for the next one. Its state, the generator's and the path drawn for the
+    it with ``set_path``: at ``on_fit_start`` (the path drawn for the next update, or a first one),
+    then after every update (``on_update_end``), for the next one. Its state, the generator's and the path drawn for the
     next update, is part of every checkpoint (key ``"path_sampler"``); it must come before the
     callbacks that save (``SinglePathTrainer`` puts it first).
 
@@ -135,6 +135,8 @@ class PathSampler:
     def on_fit_start(self, trainer: Any) -> None:
         if self.path is None:
             self.sample()
+        else:  # a search may have set other paths since the last update: the next update's again
+            self.set_path(self.path)
 
     def on_update_end(self, trainer: Any, step: Any, losses: Any) -> None:
         self.sample()
