@@ -590,6 +590,13 @@ def test_errors():
         DartsTrainer(model, mse_of(model), again)
     weights_only = torch.optim.SGD([p for n, p in model.named_parameters() if not n.endswith("alpha")], lr=0.1)
     assert DartsTrainer(model, mse_of(model), weights_only).arch_parameters()["act"] is search.arch_parameters()["act"]
+    unequal = nn.Sequential(LayerChoice([nn.ReLU(), nn.Tanh()], label="a"),
+                            LayerChoice([nn.ReLU(), nn.Tanh(), nn.Identity()], label="a"))
+    with pytest.raises(ValueError, match=r"sharing label 'a' must offer the same options: one has 2, another 3"):
+        DartsTrainer(unequal, lambda b: b, plain_opt)
+    twice = nn.Sequential(*(DartsLayerChoice(LayerChoice([nn.ReLU(), nn.Tanh()], label="b")) for _ in range(2)))
+    with pytest.raises(ValueError, match=r"two architectures for label 'b'.*Received: label='b' twice"):
+        DartsTrainer(twice, lambda b: b, plain_opt)
     with pytest.raises(ValueError, match=r"reduction='concat' cannot express. Received: reduction='concat'"):
         DartsTrainer(nn.ModuleList([InputChoice(2, reduction="concat", label="c")]), lambda b: b, plain_opt)
     model = toy_space()
@@ -621,6 +628,14 @@ def test_errors():
         darts_flow(step, model, loss=2)
     with pytest.raises(ValueError, match=r"first step reuses the architecture step's training batch.*accumulate=2"):
         darts_flow(Step(mse_of(model), opt, accumulate=2), model)
+    custom_model = toy_space()
+    custom_opt = torch.optim.SGD(custom_model.parameters(), lr=0.1)
+
+    def update(batch, ctx):
+        ctx.minimize(mse_of(custom_model)(batch), custom_opt)
+
+    with pytest.raises(ValueError, match=r"'update', is a custom step with no loss.*Received: loss=None"):
+        darts_flow(Step.custom(update, custom_opt), custom_model)
     other = nn.Linear(2, 1)
     fresh = toy_space()
     both = torch.optim.SGD([*fresh.parameters(), *other.parameters()], lr=0.1)

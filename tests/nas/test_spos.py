@@ -209,6 +209,10 @@ def test_errors():
         SinglePathTrainer(space(), lambda b: b, None)
     with pytest.raises(ValueError, match=r"seed must be an int >= 0. Received: seed=-1"):
         SinglePathTrainer(space(), lambda b: b, opt, seed=-1)
+    unequal = nn.Sequential(LayerChoice([nn.ReLU(), nn.Tanh()], label="a"),
+                            LayerChoice([nn.ReLU(), nn.Tanh(), nn.Identity()], label="a"))
+    with pytest.raises(ValueError, match=r"sharing label 'a' must offer the same options: \['0', '1'\] and"):
+        SinglePathTrainer(unequal, lambda b: b, opt)
     model, trainer = spos()
     with pytest.raises(RuntimeError, match="no search has run yet"):
         trainer.export()
