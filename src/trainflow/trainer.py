@@ -14,6 +14,7 @@ from torch import nn
 from trainflow import checkpoint
 from trainflow.callbacks.progress_bar import ProgressBar, is_terminal
 from trainflow.data.batch import move
+from trainflow.data.fetch import input_path
 from trainflow.data.position import DataPosition, split_loop_state
 from trainflow.data.streams import open_streams
 from trainflow.describe import describe
@@ -473,10 +474,11 @@ class Trainer:
         return named_parameters(self.model_tree)
 
     def describe(self, *, all_hyperparameters: bool = False) -> str:
-        """The plan as a table: steps, optimizers, parameter groups, counts, frozen and idle parameters."""
-        return describe(
-            self.flow, self.named_parameters(), self._models.kept_in_eval(), all_hyperparameters=all_hyperparameters
-        )
+        """The plan as a table: steps, optimizers, parameter groups, counts, frozen and idle parameters,
+        and (after ``fit``) how each data stream reads its batches."""
+        inputs = {name: input_path(stream.iterable) for name, stream in self._data.streams.items()}
+        return describe(self.flow, self.named_parameters(), self._models.kept_in_eval(),
+                        all_hyperparameters=all_hyperparameters, inputs=inputs)
 
 
 def _add_val_losses(sums: dict[str, list], terms: list[Term], batch: Any) -> None:
