@@ -114,8 +114,9 @@ def describe(
         True
         >>> "lr=0.1, momentum=0, dampening=0" in describe(flow, list(model.named_parameters()), all_hyperparameters=True)
         True
-        >>> describe(flow, [], inputs={"train": "batched: TensorDataset indexed once per batch"}).splitlines()[-1]
-        'input train: batched: TensorDataset indexed once per batch'
+        >>> text = describe(flow, [], inputs={"train": "batched: TensorDataset indexed once per batch"})
+        >>> [line for line in text.splitlines() if line.startswith("input")]
+        ['input train: batched: TensorDataset indexed once per batch']
     """
     if not isinstance(all_hyperparameters, bool):
         raise TypeError(
@@ -165,6 +166,7 @@ def describe(
     # The lines below the table are plain text: never wrapped (one line per fact, easy to grep)
     # and never read as rich markup (names may contain brackets).
     lines = [f"cycle: {' '.join(s.name for s in flow.cycle)}"]
+    lines += [f"input {name}: {path}" for name, path in (inputs or {}).items()]
     total = sum(p.numel() for _, p in named)
     trainable = sum(p.numel() for _, p in named if p.requires_grad)
     lines.append(f"parameters: {_count(total)} total, {_count(trainable)} trainable")
@@ -173,8 +175,6 @@ def describe(
         lines.append(f"frozen: {', '.join(frozen)}")
     if kept_in_eval:
         lines.append(f"eval mode during fit (running statistics fixed): {', '.join(kept_in_eval)}")
-    for name, path in (inputs or {}).items():
-        lines.append(f"input {name}: {path}")
     idle = [n for n, p in named if p.requires_grad and id(p) not in updated]
     if idle:
         lines.append(f"WARNING: trainable parameters that no step updates: {', '.join(idle)}")

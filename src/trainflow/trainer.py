@@ -46,7 +46,10 @@ class Trainer:
         callbacks: objects with event methods (see :mod:`trainflow.events`).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, or a ``torch.device``.
         precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (CUDA, with loss scaling).
-        compile: compile each model with ``torch.compile``.
+        compile: compile each model with ``torch.compile``, and the whole update of each
+            ``Step(loss, optimizer)``: forward, loss, backward and optimizer step, under CUDA
+            graphs on CUDA (:mod:`trainflow.compiled`; a step that cannot be captured runs
+            eagerly, with a warning saying why).
         out_dir: where callbacks write artifacts (logs, plots, checkpoints).
         on_nonfinite: what a NaN or infinite loss (or gradient) does: ``"raise"`` an error
             naming the step, loss and update; ``"skip"`` the update (weights and optimizer
@@ -126,7 +129,8 @@ class Trainer:
         named = self.named_parameters()
         host_reads = self.device.type == "cpu"  # reading a value costs no device sync
         self._runners = {
-            step: StepRunner(step, named, self.precision, on_nonfinite, host_reads) for step in self.flow.steps
+            step: StepRunner(step, named, self.precision, on_nonfinite, host_reads, self._models.compiled)
+            for step in self.flow.steps
         }
         self._step_order = {step.name: i for i, step in enumerate(self.flow.steps)}
         self._optimizers = Optimizers(self.flow.steps)

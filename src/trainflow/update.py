@@ -65,7 +65,7 @@ class StepRunner:
     __slots__ = (
         "step", "precision", "on_nonfinite", "host_reads", "params", "owns_all", "keys", "loss_key",
         "update_schedules", "epoch_schedules", "by_optimizer", "zero_grad_params", "zero_grad_opts", "reached",
-        "update",
+        "update", "compiled",
     )
 
     def __init__(
@@ -75,6 +75,7 @@ class StepRunner:
         precision: Precision,
         on_nonfinite: str = "raise",
         host_reads: bool = True,
+        compile: bool = False,
     ) -> None:
         self.step = step
         self.precision = precision
@@ -113,6 +114,15 @@ class StepRunner:
             from trainflow.custom import custom_update  # custom.py builds on this module
 
             self.update = custom_update(step.update, [(n, p) for n, p in named if id(p) not in params])
+        self.compiled = None  # compile=True: the declarative update's loss and optimizer steps, compiled
+        if compile:
+            from trainflow.compiled import CompiledUpdate, custom_step_warning
+
+            if step.update is None:
+                self.compiled = CompiledUpdate(step, torch.device(precision.device_type),
+                                               scaled=precision.scaler is not None)
+            else:
+                custom_step_warning(step)
 
     def run(self, batches: Sequence[Any], updates: int) -> tuple[dict[str, torch.Tensor], bool]:
         """One update on ``batches`` (the window), the ``updates + 1``-th of the run.
@@ -187,10 +197,11 @@ class StepRunner:
 
     def call_loss(self, batch: Any) -> tuple[Any, list[torch.Tensor]]:
         """``step.loss(batch)`` under the precision's autocast: what it returned, and add_loss values."""
+        loss = self.step.loss if self.compiled is None else self.compiled.loss
         if self.precision.dtype is None:  # float32: no autocast context to enter
-            return collect_added(self.step.loss, batch)
+            return collect_added(loss, batch)
         with self.precision.autocast():
-            return collect_added(self.step.loss, batch)
+            return collect_added(loss, batch)
 
     def forward(self, batch: Any) -> list[Term]:
         """One chunk's checked loss terms (for an accumulation window)."""
@@ -285,7 +296,9 @@ class StepRunner:
                 self.precision.unscale(opt)
             torch.nn.utils.clip_grad_norm_(self.trainable() if params is None else params, self.step.clip_grad_norm)
         scaler = self.precision.scaler
-        if scaler is None:
+        if self.compiled is not None and scaler is None:
+            self.compiled.step_optimizers(optimizers)
+        elif scaler is None:
             for opt in optimizers:
                 opt.step()
         else:
