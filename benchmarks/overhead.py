@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import platform
 import statistics
 import sys
@@ -216,18 +217,23 @@ def run_once(fn: Callable, batches: list, updates: int, device: torch.device) ->
     return elapsed / updates * 1e6  # microseconds per update
 
 
-def measure(case: str, rounds: int, updates: int, warmup: int, device: torch.device) -> dict[str, Any]:
+def measure(case: str, rounds: int, updates: int, warmup: int, device: torch.device,
+            sides: tuple[str, ...] = ("hand", "trainflow")) -> dict[str, Any]:
     spec = CASES[case]
     batches = spec["data"](device)
-    hand, flow = spec["hand"], spec["trainflow"]
-    run_once(hand, batches, warmup, device)
-    run_once(flow, batches, warmup, device)
+    for side in sides:
+        if warmup:
+            run_once(spec[side], batches, warmup, device)
     times: dict[str, list[float]] = {"hand": [], "trainflow": []}
     for r in range(rounds):
         # alternate which side goes first so that drifts in machine load do not favour one
-        order = (("hand", hand), ("trainflow", flow)) if r % 2 == 0 else (("trainflow", flow), ("hand", hand))
-        for name, fn in order:
-            times[name].append(run_once(fn, batches, updates, device))
+        for name in (sides if r % 2 == 0 else sides[::-1]):
+            times[name].append(run_once(spec[name], batches, updates, device))
+    if len(sides) == 1:  # one side only (an instruction count under callgrind): its time, no ratio
+        med = statistics.median(times[sides[0]])
+        times[{"hand": "trainflow", "trainflow": "hand"}[sides[0]]] = [math.nan] * rounds
+        return {"case": case, sides[0]: med, {"hand": "trainflow", "trainflow": "hand"}[sides[0]]: math.nan,
+                "ratio": math.nan, "paired": math.nan, "times": times}
     hand_med = statistics.median(times["hand"])
     flow_med = statistics.median(times["trainflow"])
     return {
@@ -266,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's default)"
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--side", choices=["both", "hand", "trainflow"], default="both",
+                        help="run one side only, e.g. to count its instructions under callgrind")
+    parser.add_argument("--no-check", action="store_true", help="skip the bit-identity check before timing")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.updates, args.warmup = 2, 100, 50
@@ -281,12 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
     )
     print(f"rounds={args.rounds} updates/run={args.updates} warmup={args.warmup} batch={BATCH}")
-    if not check_identical(device):
+    if not args.no_check and not check_identical(device):
         print("FAIL: trainflow and the hand-written loop produced different weights", file=sys.stderr)
         return 1
 
     cases = list(CASES) if args.case == "all" else [args.case]
-    results = [measure(c, args.rounds, args.updates, args.warmup, device) for c in cases]
+    sides = ("hand", "trainflow") if args.side == "both" else (args.side,)
+    results = [measure(c, args.rounds, args.updates, args.warmup, device, sides) for c in cases]
     print()
     print(f"{'case':<10} {'hand us/update':>15} {'trainflow us/update':>20} {'ratio':>7} {'paired':>7}")
     for res in results:
