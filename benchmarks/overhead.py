@@ -188,8 +188,14 @@ def trainflow_gan(batches: list, updates: int, device: torch.device) -> tuple[fl
     return elapsed, [gen, disc]
 
 
+#: ``--clock cpu``: this process's CPU time instead of wall time (other jobs on the machine do not inflate it)
+CPU_CLOCK = False
+
+
 def _now(device: torch.device) -> float:
     """``time.perf_counter()``, after the device's queued work has finished (CUDA is asynchronous)."""
+    if CPU_CLOCK:
+        return time.process_time()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
@@ -274,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--side", choices=["both", "hand", "trainflow"], default="both",
                         help="run one side only, e.g. to count its instructions under callgrind")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time (default) or this process's CPU time (CPU only; steadier on a shared machine)")
     parser.add_argument("--no-check", action="store_true", help="skip the bit-identity check before timing")
     args = parser.parse_args(argv)
     if args.quick:
@@ -283,13 +291,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    global CPU_CLOCK
+    CPU_CLOCK = args.clock == "cpu"
+    if CPU_CLOCK and device.type != "cpu":
+        parser.error("--clock cpu measures CPU work only: use it with --device cpu")
 
     print(
         f"trainflow {trainflow.__version__}, torch {torch.__version__}, python {platform.python_version()}, "
         f"{platform.machine()}, device={device}, torch.get_num_threads()={torch.get_num_threads()}"
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
     )
-    print(f"rounds={args.rounds} updates/run={args.updates} warmup={args.warmup} batch={BATCH}")
+    print(f"rounds={args.rounds} updates/run={args.updates} warmup={args.warmup} batch={BATCH} clock={args.clock}")
     if not args.no_check and not check_identical(device):
         print("FAIL: trainflow and the hand-written loop produced different weights", file=sys.stderr)
         return 1
