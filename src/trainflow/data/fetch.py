@@ -20,9 +20,10 @@ dataset with its own ``__getitem__``) is iterated the loader's way, unchanged.
 
 On CUDA the batched path also copies one batch ahead: the next batch is gathered into pinned
 host memory and copied on a side stream while the current update runs; the update's stream
-waits for that copy before using the batch. Only samplers that draw their random numbers when
-the pass starts (sequential, shuffling without replacement) are read ahead, so the draws and
-the batches are those of the loader read one at a time.
+waits for that copy before using the batch. Only rows of tensors (``TensorDataset`` and its
+subsets) under samplers that draw their random numbers when the pass starts (sequential,
+shuffling without replacement) are read ahead, so the draws and the batches are those of the
+loader read one at a time.
 """
 
 from __future__ import annotations
@@ -234,7 +235,9 @@ def iterate(iterable: Iterable, device: torch.device | None = None) -> Iterator[
     loader_iter = iter(iterable)
     if plan is None or type(loader_iter).__name__ != "_SingleProcessDataLoaderIter":
         return loader_iter
-    ahead = device is not None and device.type == "cuda" and _reads_ahead(iterable)
+    # read ahead only rows of tensors: a dataset's own __getitems__ may draw random numbers, whose
+    # order against the update's draws reading ahead would change
+    ahead = device is not None and device.type == "cuda" and plan.tensor and _reads_ahead(iterable)
     return BatchedIterator(loader_iter, plan, device if ahead else None)
 
 
