@@ -101,6 +101,11 @@ def hand(case: str, data: Any, device: torch.device) -> Contender:
 
 
 def flow(case: str, data: Any, device: torch.device, compile: bool) -> Contender:
+    if compile:
+        # every trainer's optimizer steps share one code object (Optimizer.step's wrapper), and
+        # torch.compile recompiles a code object at most 8 times: start each compiled contender
+        # afresh (the one before it is no longer timed)
+        torch._dynamo.reset()
     if case == "gan":
         gen, disc, g_opt, d_opt = build_gan(device)
 
