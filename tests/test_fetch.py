@@ -108,6 +108,8 @@ def test_getitems_is_called_once_per_batch_and_no_sample_is_read_alone():
     (lambda: DataLoader(_data(), batch_size=None), "batch_size=None"),
     (lambda: DataLoader(OwnItem(torch.zeros(4, 2)), batch_size=2), "OwnItem is read one sample at a time"),
     (lambda: DataLoader(_data(), batch_size=4, num_workers=2), "num_workers=2"),
+    (lambda: DataLoader(TensorDataset(torch.zeros(4, 3, 2, 2).to(memory_format=torch.channels_last)), batch_size=2),
+     "TensorDataset is read one sample at a time"),
 ])
 def test_other_loaders_take_their_own_path(loader, why):
     assert input_path(loader()) == f"the loader's own iterator ({why})"

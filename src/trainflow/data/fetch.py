@@ -94,7 +94,11 @@ def _plan(dataset: Any, depth: int = 0) -> _Plan | None:
         return None
     kind = type(dataset)
     if isinstance(dataset, TensorDataset) and kind.__getitem__ is TensorDataset.__getitem__:
-        return _tensor_dataset(dataset)
+        # stacking rows of a tensor laid out otherwise (channels-last images) keeps that layout,
+        # which indexing would not: such datasets keep the loader's path
+        if all(type(t) is torch.Tensor and t.is_contiguous() for t in dataset.tensors):
+            return _tensor_dataset(dataset)
+        return None
     if (isinstance(dataset, Subset) and kind.__getitem__ is Subset.__getitem__
             and getattr(kind, "__getitems__", None) is Subset.__getitems__):
         inner = _plan(dataset.dataset, depth + 1)
