@@ -14,6 +14,7 @@ from torch import nn
 from trainflow import checkpoint
 from trainflow.callbacks.progress_bar import ProgressBar, is_terminal
 from trainflow.data.batch import move
+from trainflow.data.fetch import input_path
 from trainflow.data.position import DataPosition, split_loop_state
 from trainflow.data.streams import open_streams
 from trainflow.describe import describe
@@ -45,7 +46,10 @@ class Trainer:
         callbacks: objects with event methods (see :mod:`trainflow.events`).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, or a ``torch.device``.
         precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (CUDA, with loss scaling).
-        compile: compile each model with ``torch.compile``.
+        compile: compile each model with ``torch.compile``, and the whole update of each
+            ``Step(loss, optimizer)``: forward, loss, backward and optimizer step, under CUDA
+            graphs on CUDA (:mod:`trainflow.compiled`; a step that cannot be captured runs
+            eagerly, with a warning saying why).
         out_dir: where callbacks write artifacts (logs, plots, checkpoints).
         on_nonfinite: what a NaN or infinite loss (or gradient) does: ``"raise"`` an error
             naming the step, loss and update; ``"skip"`` the update (weights and optimizer
@@ -125,7 +129,8 @@ class Trainer:
         named = self.named_parameters()
         host_reads = self.device.type == "cpu"  # reading a value costs no device sync
         self._runners = {
-            step: StepRunner(step, named, self.precision, on_nonfinite, host_reads) for step in self.flow.steps
+            step: StepRunner(step, named, self.precision, on_nonfinite, host_reads, self._models.compiled)
+            for step in self.flow.steps
         }
         self._step_order = {step.name: i for i, step in enumerate(self.flow.steps)}
         self._optimizers = Optimizers(self.flow.steps)
@@ -473,10 +478,11 @@ class Trainer:
         return named_parameters(self.model_tree)
 
     def describe(self, *, all_hyperparameters: bool = False) -> str:
-        """The plan as a table: steps, optimizers, parameter groups, counts, frozen and idle parameters."""
-        return describe(
-            self.flow, self.named_parameters(), self._models.kept_in_eval(), all_hyperparameters=all_hyperparameters
-        )
+        """The plan as a table: steps, optimizers, parameter groups, counts, frozen and idle parameters,
+        and (after ``fit``) how each data stream reads its batches."""
+        inputs = {name: input_path(stream.iterable) for name, stream in self._data.streams.items()}
+        return describe(self.flow, self.named_parameters(), self._models.kept_in_eval(),
+                        all_hyperparameters=all_hyperparameters, inputs=inputs)
 
 
 def _add_val_losses(sums: dict[str, list], terms: list[Term], batch: Any) -> None:
