@@ -24,10 +24,27 @@ accuracy reported after each epoch and at the end).
    the machine is shared, after one untimed training; wall time of ``run()``, worker start-up
    included.
 
+4. One-shot search on the ``darts-digits`` space (input {clean, noisy} x block {mlp, identity,
+   zero}: 6 architectures; ``trainflow.examples.darts_digits``), the digits' training split halved
+   (weights, architecture) as the example does, ``--darts-epochs`` epochs:
+   - overhead: ``DartsTrainer`` (first order) against a hand-written first-order DARTS loop
+     (``for x in train: v = next(valid); arch update on v; weight update on x``), same model,
+     data and epochs, one thread, rotating which runs first, the minimum of ``--darts-runs``
+     runs each: the ratio should be <= 1.05. The hand loop is timed twice: as seed 002 writes
+     it (each ``backward()`` fills every gradient) and with ``backward(inputs=...)`` into the
+     updated parameters only, the work trainflow's isolation does (the like-for-like ratio).
+     And the cost of second order (``unrolled=True``) over first order, the same way;
+   - picks: the architecture that first order, second order, Gumbel (``gumbel=(2, 0.5)``) and
+     SPOS (supernet training, then a grid over the 6 paths scored on the architecture half with
+     the shared weights) export on seeds 0 .. ``--seeds``-1, against the exhaustive ground truth:
+     each of the 6 architectures retrained from scratch (``darts_digits.retrain``) and scored
+     on the held-out split, ``--seeds`` seeds each.
+
 Run:
     OMP_NUM_THREADS=1 python benchmarks/nas.py              # as in docs/performance.md
     OMP_NUM_THREADS=1 python benchmarks/nas.py --quick      # smoke run
     OMP_NUM_THREADS=1 python benchmarks/nas.py --throughput-only --rounds 9
+    OMP_NUM_THREADS=1 python benchmarks/nas.py --oneshot-only --seeds 5   # the one-shot figures
 """
 
 from __future__ import annotations
@@ -43,11 +60,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
 import trainflow
-from trainflow.examples import nas_digits
-from trainflow.nas import TPE, Experiment, FunctionalTrainer, GridSearch, Random, RegularizedEvolution
-from trainflow.nas import fixed_arch, search_space
+from trainflow.data import digits
+from trainflow.examples import darts_digits, nas_digits
+from trainflow.nas import TPE, DartsTrainer, Experiment, FunctionalTrainer, GridSearch, Random, RegularizedEvolution
+from trainflow.nas import SinglePathTrainer, fixed_arch, replace_layer_choice, search_space
+from trainflow.nas.darts import DartsLayerChoice
 
 
 def strategies() -> dict:
@@ -143,6 +163,119 @@ def throughput(epochs: int, rounds: int) -> dict[str, list[float]]:
     return rates
 
 
+ONESHOT = ("first order", "second order", "gumbel", "spos")
+
+
+def _oneshot_model(seed: int):
+    """The darts-digits supernet, its loss and optimizer, and the data halves, from ``seed``."""
+    torch.manual_seed(seed)
+    train, val = digits(batch_size=64, seed=seed)
+    weights_half, arch_half = darts_digits.halves(train, seed)
+    model = darts_digits.space()
+
+    def loss(batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    return model, loss, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), weights_half, arch_half, train, val
+
+
+def oneshot_search(method: str, seed: int, epochs: int) -> dict:
+    """One search of the darts-digits space by ``method``; the architecture it exports."""
+    model, loss, opt, weights_half, arch_half, _, _ = _oneshot_model(seed)
+    if method == "spos":
+        spos = SinglePathTrainer(model, loss, opt, seed=seed, progress=False)
+        spos.fit(weights_half, epochs=epochs)
+
+        def score(m):
+            m.eval()
+            with torch.no_grad():
+                right = sum((m(x).argmax(1) == y).sum().item() for x, y in arch_half)
+            m.train()
+            return right / len(arch_half.dataset)
+
+        return spos.search(score, strategy=GridSearch())
+    options = {"second order": {"unrolled": True}, "gumbel": {"gumbel": (2.0, 0.5)}}.get(method, {})
+    search = DartsTrainer(model, loss, opt, arch_lr=3e-3, progress=False, **options)
+    search.fit(weights_half, arch_half, epochs=epochs)
+    return search.export()
+
+
+def hand_darts(seed: int, epochs: int, isolated: bool = False) -> dict:
+    """First-order DARTS written by hand on the same supernet and data: the overhead baseline.
+
+    Written as seed 002's sketch is, each ``backward()`` fills every gradient (the weights' in the
+    architecture update, the alphas' in the weight update); ``isolated`` differentiates into the
+    updated parameters only (``backward(inputs=...)``), the work trainflow's isolation does.
+    """
+    model, loss, opt, weights_half, arch_half, _, _ = _oneshot_model(seed)
+    modules = replace_layer_choice(model, DartsLayerChoice)
+    alphas = [m.alpha for _, m in modules]
+    weights = [p for p in model.parameters() if all(p is not a for a in alphas)]
+    arch_opt = torch.optim.Adam(alphas, lr=3e-3, betas=(0.5, 0.999), weight_decay=1e-3)
+    valid = iter(arch_half)
+    for _ in range(epochs):
+        for x in weights_half:
+            try:
+                v = next(valid)
+            except StopIteration:
+                valid = iter(arch_half)
+                v = next(valid)
+            arch_opt.zero_grad()
+            loss(v).backward(inputs=alphas if isolated else None)
+            arch_opt.step()
+            opt.zero_grad()
+            loss(x).backward(inputs=weights if isolated else None)
+            opt.step()
+    return {label: m.options[int(m.alpha.argmax())] for label, m in modules}
+
+
+def oneshot(epochs: int, seeds: int, runs: int, retrain_epochs: int) -> None:
+    """Overhead against a hand loop, second order's cost, and the picks against the ground truth."""
+    timed = {
+        "hand loop": lambda s: hand_darts(s, epochs),
+        "hand, inputs=": lambda s: hand_darts(s, epochs, isolated=True),
+        "first order": lambda s: oneshot_search("first order", s, epochs),
+        "second order": lambda s: oneshot_search("second order", s, epochs),
+    }
+    times: dict[str, list[float]] = {name: [] for name in timed}
+    oneshot_search("first order", 0, 1)  # untimed: the first run loads the data and imports the rest
+    for r in range(runs):
+        names = list(timed)[r % len(timed):] + list(timed)[: r % len(timed)]  # rotate which runs first
+        for name in names:
+            start = time.perf_counter()
+            timed[name](0)
+            times[name].append(time.perf_counter() - start)
+    best = {name: min(values) for name, values in times.items()}
+    print(f"\none-shot search of the darts-digits space ({epochs} epochs, minimum of {runs} runs, one thread):")
+    for name, values in times.items():
+        print(f"  {name:<13} {best[name]:.3f} s  (runs: {', '.join(f'{v:.3f}' for v in values)})")
+    print(f"  DartsTrainer / hand loop: {best['first order'] / best['hand loop']:.3f}; DartsTrainer / hand loop "
+          f"with backward(inputs=): {best['first order'] / best['hand, inputs=']:.3f}; "
+          f"second order / first order: {best['second order'] / best['first order']:.2f}x", flush=True)
+
+    labels = list(search_space(darts_digits.space))
+    every = [dict(zip(labels, options)) for options in itertools.product(*search_space(darts_digits.space).values())]
+    truth = {}
+    for arch in every:
+        values = []
+        for seed in range(seeds):
+            _, _, _, _, _, train, val = _oneshot_model(seed)
+            values.append(darts_digits.retrain(arch, train, val, seed, epochs=retrain_epochs))
+        truth[json.dumps(arch)] = statistics.mean(values)
+    ranked = sorted(truth, key=truth.get, reverse=True)
+    known = {json.dumps(a) for a in darts_digits.KNOWN_BEST}
+    print(f"  ground truth (each architecture retrained from scratch for {retrain_epochs} epochs, {seeds} seeds, "
+          "held-out accuracy), best first:")
+    for k in ranked:
+        print(f"    {k:<40} {truth[k]:.4f}" + (" <- true best" if k == ranked[0] else " <- known best" if k in known else ""))
+    print(f"  {'method':<13} {'true best':>9} {'known best':>10}  picks (seeds 0-{seeds - 1})")
+    for method in ONESHOT:
+        picks = [json.dumps(oneshot_search(method, seed, epochs)) for seed in range(seeds)]
+        print(f"  {method:<13} {f'{sum(p == ranked[0] for p in picks)}/{seeds}':>9} "
+              f"{f'{sum(p in known for p in picks)}/{seeds}':>10}  {'; '.join(picks)}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=nas_digits.EPOCHS, help="epochs per trial (default: the example's)")
@@ -152,9 +285,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per concurrency (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 1 seed, 1 repeat, 4 trials, 1 round")
     parser.add_argument("--throughput-only", action="store_true", help="skip the ground truth and the strategies")
+    parser.add_argument("--oneshot-only", action="store_true", help="only the one-shot search figures")
+    parser.add_argument("--darts-epochs", type=int, default=darts_digits.EPOCHS, help="epochs of a one-shot search")
+    parser.add_argument("--darts-runs", type=int, default=5, help="timed runs per one-shot method (default 5)")
+    parser.add_argument("--retrain-epochs", type=int, default=darts_digits.RETRAIN_EPOCHS,
+                        help="epochs of each ground-truth retraining of the one-shot space")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.seeds, args.repeats, args.budget, args.rounds = 1, 1, 1, 4, 1
+        args.darts_epochs, args.darts_runs, args.retrain_epochs = 1, 1, 1
     torch.set_num_threads(1)
     print(f"trainflow {trainflow.__version__}, torch {torch.__version__}, python {platform.python_version()}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads 1, load average "
@@ -162,6 +301,10 @@ def main() -> int:
     print(f"epochs per trial {args.epochs}, budget {args.budget}, repeats {args.repeats}")
 
     start = time.perf_counter()
+    if args.oneshot_only:
+        oneshot(args.darts_epochs, args.seeds, args.darts_runs, args.retrain_epochs)
+        print(f"total {time.perf_counter() - start:.0f} s")
+        return 0
     if not args.throughput_only:
         truth = ground_truth(args.epochs, args.seeds)
         means = {k: statistics.mean(v) for k, v in truth.items()}
@@ -206,6 +349,8 @@ def main() -> int:
     median = {k: statistics.median(v) for k, v in rates.items()}
     print(f"  concurrency 1 / plain loop: {median[1] / median['loop']:.2f}; "
           f"concurrency 2 / concurrency 1: {median[2] / median[1]:.2f}x")
+    if not args.throughput_only:
+        oneshot(args.darts_epochs, args.seeds, args.darts_runs, args.retrain_epochs)
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -1,14 +1,17 @@
 """Framework overhead: trainflow's ``Trainer.fit`` vs the equivalent hand-written PyTorch loop.
 
-Two cases, both measured in the same process, interleaved so that machine noise hits both:
+Three cases, all measured in the same process, interleaved so that machine noise hits both:
 
 - ``mlp``: 784-64-64-10 ReLU MLP, batch 64, SGD(lr=1e-3), cross-entropy, synthetic data;
+- ``mlp-loader``: the same MLP, both sides fed by the same
+  ``DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)`` (the hand loop iterates it
+  as usual; trainflow reads each batch in one indexing call, :mod:`trainflow.data.fetch`);
 - ``gan``: MLP generator (latent 64 -> 128 -> 784) and discriminator (784 -> 128 -> 1), Adam,
   BCE-with-logits, cycle D x3 / G x1 (``[Step(d_loss, d_opt, name="D", repeat=3),
   Step(g_loss, g_opt, name="G")]``).
 
 Both sides do the same work: the same list of pre-made batches (so data loading costs the
-same, and little), models and optimizers rebuilt fresh from the same seed for every run, and
+same, and little; ``mlp-loader``: the same DataLoader), models and optimizers rebuilt fresh from the same seed for every run, and
 the same number of optimizer updates (``max_updates`` for trainflow; the hand loop iterates the
 same batches, epoch after epoch, and stops at the same count). Only the loop itself is timed
 (``time.perf_counter`` around ``fit`` / the hand loop), not building models or optimizers.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import platform
 import statistics
 import sys
@@ -62,6 +66,12 @@ def make_mlp_batches(device: torch.device, n: int = N_BATCHES) -> list[tuple[tor
     ]
 
 
+def make_mlp_loader(device: torch.device, n: int = N_BATCHES) -> torch.utils.data.DataLoader:
+    """The MLP's data as a shuffling DataLoader over a TensorDataset (on the CPU, as a user has it)."""
+    x, y = (torch.cat(t) for t in zip(*make_mlp_batches(torch.device("cpu"), n)))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH, shuffle=True)
+
+
 def make_gan_batches(device: torch.device, n: int = N_BATCHES) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(5678)
     return [(torch.rand(BATCH, 784, generator=g) * 2 - 1).to(device) for _ in range(n)]
@@ -84,6 +94,8 @@ def hand_mlp(batches: list, updates: int, device: torch.device) -> tuple[float, 
     start = _now(device)
     while n < updates:
         for x, y in batches:
+            if device.type != "cpu":  # a loader's batches are on the CPU (pre-made ones are moved already)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
@@ -176,8 +188,14 @@ def trainflow_gan(batches: list, updates: int, device: torch.device) -> tuple[fl
     return elapsed, [gen, disc]
 
 
+#: ``--clock cpu``: this process's CPU time instead of wall time (other jobs on the machine do not inflate it)
+CPU_CLOCK = False
+
+
 def _now(device: torch.device) -> float:
     """``time.perf_counter()``, after the device's queued work has finished (CUDA is asynchronous)."""
+    if CPU_CLOCK:
+        return time.process_time()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
@@ -185,6 +203,7 @@ def _now(device: torch.device) -> float:
 
 CASES: dict[str, dict[str, Any]] = {
     "mlp": {"hand": hand_mlp, "trainflow": trainflow_mlp, "data": make_mlp_batches},
+    "mlp-loader": {"hand": hand_mlp, "trainflow": trainflow_mlp, "data": make_mlp_loader},
     "gan": {"hand": hand_gan, "trainflow": trainflow_gan, "data": make_gan_batches},
 }
 
@@ -204,18 +223,23 @@ def run_once(fn: Callable, batches: list, updates: int, device: torch.device) ->
     return elapsed / updates * 1e6  # microseconds per update
 
 
-def measure(case: str, rounds: int, updates: int, warmup: int, device: torch.device) -> dict[str, Any]:
+def measure(case: str, rounds: int, updates: int, warmup: int, device: torch.device,
+            sides: tuple[str, ...] = ("hand", "trainflow")) -> dict[str, Any]:
     spec = CASES[case]
     batches = spec["data"](device)
-    hand, flow = spec["hand"], spec["trainflow"]
-    run_once(hand, batches, warmup, device)
-    run_once(flow, batches, warmup, device)
+    for side in sides:
+        if warmup:
+            run_once(spec[side], batches, warmup, device)
     times: dict[str, list[float]] = {"hand": [], "trainflow": []}
     for r in range(rounds):
         # alternate which side goes first so that drifts in machine load do not favour one
-        order = (("hand", hand), ("trainflow", flow)) if r % 2 == 0 else (("trainflow", flow), ("hand", hand))
-        for name, fn in order:
-            times[name].append(run_once(fn, batches, updates, device))
+        for name in (sides if r % 2 == 0 else sides[::-1]):
+            times[name].append(run_once(spec[name], batches, updates, device))
+    if len(sides) == 1:  # one side only (an instruction count under callgrind): its time, no ratio
+        med = statistics.median(times[sides[0]])
+        times[{"hand": "trainflow", "trainflow": "hand"}[sides[0]]] = [math.nan] * rounds
+        return {"case": case, sides[0]: med, {"hand": "trainflow", "trainflow": "hand"}[sides[0]]: math.nan,
+                "ratio": math.nan, "paired": math.nan, "times": times}
     hand_med = statistics.median(times["hand"])
     flow_med = statistics.median(times["trainflow"])
     return {
@@ -231,13 +255,14 @@ def measure(case: str, rounds: int, updates: int, warmup: int, device: torch.dev
 def check_identical(device: torch.device) -> bool:
     """Same seed, same batches, CHECK_UPDATES updates each: every parameter must be bit-identical."""
     ok = True
-    for case in ("mlp", "gan"):
+    for case in CASES:
         spec = CASES[case]
         batches = spec["data"](device)
         _, hand_models = spec["hand"](batches, CHECK_UPDATES, device)
         _, flow_models = spec["trainflow"](batches, CHECK_UPDATES, device)
         same = same_weights(hand_models, flow_models)
-        print(f"weights identical: {same}" if case == "mlp" else f"weights identical (gan, G and D): {same}")
+        print({"mlp": "weights identical", "gan": "weights identical (gan, G and D)"}.get(
+            case, f"weights identical ({case})") + f": {same}")
         ok = ok and same
     return ok
 
@@ -253,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's default)"
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--side", choices=["both", "hand", "trainflow"], default="both",
+                        help="run one side only, e.g. to count its instructions under callgrind")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time (default) or this process's CPU time (CPU only; steadier on a shared machine)")
+    parser.add_argument("--no-check", action="store_true", help="skip the bit-identity check before timing")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.updates, args.warmup = 2, 100, 50
@@ -261,24 +291,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    global CPU_CLOCK
+    CPU_CLOCK = args.clock == "cpu"
+    if CPU_CLOCK and device.type != "cpu":
+        parser.error("--clock cpu measures CPU work only: use it with --device cpu")
 
     print(
         f"trainflow {trainflow.__version__}, torch {torch.__version__}, python {platform.python_version()}, "
         f"{platform.machine()}, device={device}, torch.get_num_threads()={torch.get_num_threads()}"
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
     )
-    print(f"rounds={args.rounds} updates/run={args.updates} warmup={args.warmup} batch={BATCH}")
-    if not check_identical(device):
+    print(f"rounds={args.rounds} updates/run={args.updates} warmup={args.warmup} batch={BATCH} clock={args.clock}")
+    if not args.no_check and not check_identical(device):
         print("FAIL: trainflow and the hand-written loop produced different weights", file=sys.stderr)
         return 1
 
     cases = list(CASES) if args.case == "all" else [args.case]
-    results = [measure(c, args.rounds, args.updates, args.warmup, device) for c in cases]
+    sides = ("hand", "trainflow") if args.side == "both" else (args.side,)
+    results = [measure(c, args.rounds, args.updates, args.warmup, device, sides) for c in cases]
     print()
-    print(f"{'case':<6} {'hand us/update':>15} {'trainflow us/update':>20} {'ratio':>7} {'paired':>7}")
+    print(f"{'case':<10} {'hand us/update':>15} {'trainflow us/update':>20} {'ratio':>7} {'paired':>7}")
     for res in results:
         print(
-            f"{res['case']:<6} {res['hand']:>15.1f} {res['trainflow']:>20.1f} "
+            f"{res['case']:<10} {res['hand']:>15.1f} {res['trainflow']:>20.1f} "
             f"{res['ratio']:>7.3f} {res['paired']:>7.3f}"
         )
     print("median over rounds; ratio = trainflow/hand of the medians; paired = median of the per-round ratios")

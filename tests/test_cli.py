@@ -44,8 +44,8 @@ def test_default_out_dir_and_progress(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["run", "nope"], "invalid choice: 'nope' (choose from 'mlp', 'two-losses', 'alternating', 'gan', 'dcgan', 'wgan-gp', 'nas-digits')"),
-        (["run"], "name an example to run (one of: mlp, two-losses, alternating, gan, dcgan, wgan-gp, nas-digits), or pass --list."),
+        (["run", "nope"], "invalid choice: 'nope' (choose from 'mlp', 'two-losses', 'alternating', 'gan', 'dcgan', 'wgan-gp', 'nas-digits', 'darts-digits')"),
+        (["run"], "name an example to run (one of: mlp, two-losses, alternating, gan, dcgan, wgan-gp, nas-digits, darts-digits), or pass --list."),
         (["run", "mlp", "--epochs", "0"], "argument --epochs: must be >= 1. Received: 0."),
         (["run", "mlp", "--epochs", "two"], "argument --epochs: must be a whole number. Received: 'two'."),
         (["run", "mlp", "--seed", "-3"], "argument --seed: must be >= 0. Received: -3."),

@@ -100,3 +100,66 @@ def test_nonfinite_is_caught_on_cuda_without_a_sync_per_update():
     with pytest.raises(FloatingPointError, match=r"Step 'fit': loss 'loss' is nan"):
         trainer.fit(regression_loader(n=8 * 60), epochs=1)
     assert 5 <= trainer.updates <= 5 + 50  # caught at the next sampled check
+
+
+def _loader_run(compile: bool = False, n_batches: int = 64, max_updates: int | None = None):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(3)
+    data = DataLoader(TensorDataset(torch.randn(n_batches * 8, 4, generator=g), torch.randn(n_batches * 8, 1,
+                                                                                         generator=g)),
+                      batch_size=8, shuffle=True)
+    model, opt = _build()
+    trainer = Trainer(model, [Step(lambda b: F.mse_loss(model(b[0]), b[1]), opt)], device="cuda", compile=compile)
+    return model, opt, data, trainer
+
+
+def test_batched_input_is_copied_ahead_on_a_side_stream_and_matches_the_hand_loop():
+    from trainflow.data.fetch import BatchedIterator
+
+    model, opt, data, trainer = _loader_run(n_batches=16)
+    torch.manual_seed(1)
+    trainer.fit(data, epochs=2)
+    it = trainer._streams["train"].iterator
+    assert isinstance(it, BatchedIterator) and it.device is not None and it.side is not None
+    hand, hand_opt = _build()
+    torch.manual_seed(1)
+    for _ in range(2):
+        for x, y in data:
+            x, y = x.cuda(), y.cuda()
+            hand_opt.zero_grad()
+            F.mse_loss(hand(x), y).backward()
+            hand_opt.step()
+    for a, b in zip(hand.parameters(), model.parameters()):
+        assert torch.equal(a, b)  # the same kernels on the same batches
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_updates_that_do_not_log_never_synchronise_the_host(compile):
+    import warnings
+
+    model, opt, data, trainer = _loader_run(compile=compile)
+    trainer.fit(data, max_updates=8)  # the first updates compile and read the first loss
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.fit(data, max_updates=60)  # inside the epoch: nothing logs; the NaN check at update 50
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert trainer.updates == 60 and syncs == []
+    assert all(v.device.type == "cuda" for v in trainer.losses.values())  # loss records stay on the device
+
+
+def test_compiled_whole_update_under_cuda_graphs_matches_eager():
+    eager, _, data, trainer = _loader_run(n_batches=16)
+    torch.manual_seed(1)
+    trainer.fit(data, epochs=2)
+    model, _, data, compiled = _loader_run(compile=True, n_batches=16)
+    torch.manual_seed(1)
+    compiled.fit(data, epochs=2)
+    runner = compiled._runners[compiled.flow.steps[0]]
+    assert runner.compiled.cuda_graphs and runner.compiled.eager_reason is None and runner.compiled.opt_steps
+    for a, b in zip(eager.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -45,7 +45,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def one_epoch(tmp_path_factory) -> dict[str, tuple[Path, dict[str, float]]]:
     """Each training example run once for one epoch: name -> (out_dir, returned logs)."""
     runs = {}
-    for name in EXPECTED:  # nas-digits is a search: tests/nas/test_nas_example.py
+    for name in EXPECTED:  # nas-digits and darts-digits are searches: tests/nas/test_*_example.py
         _, run = EXAMPLES[name]
         out = tmp_path_factory.mktemp(name)
         runs[name] = (out, run(out, epochs=1, progress=False))
@@ -53,7 +53,8 @@ def one_epoch(tmp_path_factory) -> dict[str, tuple[Path, dict[str, float]]]:
 
 
 def test_registry():
-    assert list(EXAMPLES) == ["mlp", "two-losses", "alternating", "gan", "dcgan", "wgan-gp", "nas-digits"]
+    assert list(EXAMPLES) == ["mlp", "two-losses", "alternating", "gan", "dcgan", "wgan-gp", "nas-digits",
+                             "darts-digits"]
     for name, (description, run) in EXAMPLES.items():
         assert isinstance(description, str) and description and "\n" not in description, name
         assert callable(run)

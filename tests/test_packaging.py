@@ -59,6 +59,7 @@ import torch
 from trainflow import Step, Trainer
 from trainflow.callbacks import Checkpoint, CSVLogger, LossLogger, Preemption, SampleGrid
 from trainflow.cli import main
+torch.manual_seed(0)  # the logged loss is printed as d.dddd whatever the start, unless it is below 1e-4
 model = torch.nn.Linear(2, 1)
 step = Step(lambda x: model(x).pow(2).mean(), torch.optim.SGD(model.parameters(), lr=0.1), name="l2")
 callbacks = [CSVLogger(), Checkpoint(), Preemption(), LossLogger(every=3)]

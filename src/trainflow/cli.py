@@ -38,8 +38,10 @@ from trainflow import checkpoint
 
 __all__ = ["main"]
 
-#: what the examples write, in the order they are listed after a run (the last three: nas-digits)
-ARTIFACTS = ("metrics.csv", "curves.png", "weights.pt", "samples.png", "trials.csv", "best_arch.json", "history.png")
+#: what the examples write, in the order they are listed after a run (trials.csv to history.png: nas-digits;
+#: best_arch.json and alphas.png: darts-digits too)
+ARTIFACTS = ("metrics.csv", "curves.png", "weights.pt", "samples.png", "trials.csv", "best_arch.json", "history.png",
+             "alphas.png")
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,6 +87,7 @@ def describe(
     kept_in_eval: Sequence[str] = (),
     *,
     all_hyperparameters: bool = False,
+    inputs: Mapping[str, str] | None = None,
 ) -> str:
     """Render the plan of ``flow`` over the models' ``named`` parameters: one row per parameter
     group of every step's optimizers (``Trainer.describe()`` passes its parts).
@@ -97,7 +98,9 @@ def describe(
     defaults (its constructor's: ``SGD(lr=0.1)`` shows ``lr=0.1``, not ``momentum=0``), or
     ``(defaults)``; ``all_hyperparameters=True`` shows every one. Below the table: the cycle, the totals, the
     frozen parameters, the modules kept in eval mode during fit (``freeze(...,
-    batchnorm="eval")``), and a warning for trainable parameters that no step updates.
+    batchnorm="eval")``), how each data stream reads its batches (``inputs``: stream name to
+    :func:`trainflow.data.fetch.input_path`; the trainer passes those of its last ``fit``), and a
+    warning for trainable parameters that no step updates.
 
     Example:
         >>> import torch
@@ -111,6 +114,9 @@ def describe(
         True
         >>> "lr=0.1, momentum=0, dampening=0" in describe(flow, list(model.named_parameters()), all_hyperparameters=True)
         True
+        >>> text = describe(flow, [], inputs={"train": "batched: TensorDataset indexed once per batch"})
+        >>> [line for line in text.splitlines() if line.startswith("input")]
+        ['input train: batched: TensorDataset indexed once per batch']
     """
     if not isinstance(all_hyperparameters, bool):
         raise TypeError(
@@ -160,6 +166,7 @@ def describe(
     # The lines below the table are plain text: never wrapped (one line per fact, easy to grep)
     # and never read as rich markup (names may contain brackets).
     lines = [f"cycle: {' '.join(s.name for s in flow.cycle)}"]
+    lines += [f"input {name}: {path}" for name, path in (inputs or {}).items()]
     total = sum(p.numel() for _, p in named)
     trainable = sum(p.numel() for _, p in named if p.requires_grad)
     lines.append(f"parameters: {_count(total)} total, {_count(trainable)} trainable")

@@ -95,6 +95,7 @@ class Models:
     def __init__(self, models: nn.Module | Mapping[str, nn.Module], device: torch.device, compile: bool = False) -> None:
         if not isinstance(compile, bool):
             raise TypeError(f"Trainer: `compile` must be True or False. Received: compile={compile!r}.")
+        self.compiled = compile  # whether the trainer compiles (its steps' updates too)
         self.by_name = _as_dict(models)
         #: the models as given: the module itself, or the dict (for naming parameters)
         self.tree: nn.Module | dict[str, nn.Module] = models if isinstance(models, nn.Module) else self.by_name

@@ -14,8 +14,9 @@ from torch import nn
 from trainflow import checkpoint
 from trainflow.callbacks.progress_bar import ProgressBar, is_terminal
 from trainflow.data.batch import move
-from trainflow.data.sharding import empty, is_sharded
+from trainflow.data.fetch import input_path
 from trainflow.data.position import DataPosition, split_loop_state
+from trainflow.data.sharding import empty, is_sharded
 from trainflow.data.streams import open_streams
 from trainflow.describe import describe
 from trainflow.distributed import RankState, check_world_size, check_world_size_change, local_device, resolve
@@ -47,7 +48,10 @@ class Trainer:
         callbacks: objects with event methods (see :mod:`trainflow.events`).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, or a ``torch.device``.
         precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (CUDA, with loss scaling).
-        compile: compile each model with ``torch.compile``.
+        compile: compile each model with ``torch.compile``, and the whole update of each
+            ``Step(loss, optimizer)``: forward, loss, backward and optimizer step, under CUDA
+            graphs on CUDA (:mod:`trainflow.compiled`; a step that cannot be captured runs
+            eagerly, with a warning saying why).
         out_dir: where callbacks write artifacts (logs, plots, checkpoints).
         on_nonfinite: what a NaN or infinite loss (or gradient) does: ``"raise"`` an error
             naming the step, loss and update; ``"skip"`` the update (weights and optimizer
@@ -135,7 +139,8 @@ class Trainer:
         named = self.named_parameters()
         host_reads = self.device.type == "cpu"  # reading a value costs no device sync
         self._runners = {
-            step: StepRunner(step, named, self.precision, on_nonfinite, host_reads) for step in self.flow.steps
+            step: StepRunner(step, named, self.precision, on_nonfinite, host_reads, self._models.compiled)
+            for step in self.flow.steps
         }
         for runner in self._runners.values():
             runner.ranks = self._ranks
@@ -534,10 +539,11 @@ class Trainer:
         return named_parameters(self.model_tree)
 
     def describe(self, *, all_hyperparameters: bool = False) -> str:
-        """The plan as a table: steps, optimizers, parameter groups, counts, frozen and idle parameters."""
-        return describe(
-            self.flow, self.named_parameters(), self._models.kept_in_eval(), all_hyperparameters=all_hyperparameters
-        )
+        """The plan as a table: steps, optimizers, parameter groups, counts, frozen and idle parameters,
+        and (after ``fit``) how each data stream reads its batches."""
+        inputs = {name: input_path(stream.iterable) for name, stream in self._data.streams.items()}
+        return describe(self.flow, self.named_parameters(), self._models.kept_in_eval(),
+                        all_hyperparameters=all_hyperparameters, inputs=inputs)
 
 
 def _add_val_losses(sums: dict[str, list], terms: list[Term], batch: Any) -> None:

@@ -66,7 +66,7 @@ class StepRunner:
     __slots__ = (
         "step", "precision", "on_nonfinite", "host_reads", "params", "owns_all", "keys", "loss_key",
         "update_schedules", "epoch_schedules", "by_optimizer", "zero_grad_params", "zero_grad_opts", "reached",
-        "update", "ranks",
+        "update", "compiled", "late", "ranks",
     )
 
     def __init__(
@@ -76,6 +76,7 @@ class StepRunner:
         precision: Precision,
         on_nonfinite: str = "raise",
         host_reads: bool = True,
+        compile: bool = False,
     ) -> None:
         self.step = step
         self.precision = precision
@@ -116,6 +117,16 @@ class StepRunner:
             from trainflow.custom import custom_update  # custom.py builds on this module
 
             self.update = custom_update(step.update, [(n, p) for n, p in named if id(p) not in params])
+        self.late = None if host_reads else _LateCheck(step.name)  # CUDA: the NaN check that never waits
+        self.compiled = None  # compile=True: the declarative update's loss and optimizer steps, compiled
+        if compile:
+            from trainflow.compiled import CompiledUpdate, custom_step_warning
+
+            if step.update is None:
+                self.compiled = CompiledUpdate(step, torch.device(precision.device_type),
+                                               scaled=precision.scaler is not None)
+            else:
+                custom_step_warning(step)
 
     def run(self, batches: Sequence[Any], updates: int) -> tuple[dict[str, torch.Tensor], bool]:
         """One update on ``batches`` (the window), the ``updates + 1``-th of the run.
@@ -192,10 +203,11 @@ class StepRunner:
 
     def call_loss(self, batch: Any) -> tuple[Any, list[torch.Tensor]]:
         """``step.loss(batch)`` under the precision's autocast: what it returned, and add_loss values."""
+        loss = self.step.loss if self.compiled is None else self.compiled.loss
         if self.precision.dtype is None:  # float32: no autocast context to enter
-            return collect_added(self.step.loss, batch)
+            return collect_added(loss, batch)
         with self.precision.autocast():
-            return collect_added(self.step.loss, batch)
+            return collect_added(loss, batch)
 
     def forward(self, batch: Any) -> list[Term]:
         """One chunk's checked loss terms (for an accumulation window)."""
@@ -261,14 +273,26 @@ class StepRunner:
         """
         if self.on_nonfinite != "raise":
             return self.all_finite(losses, params)
-        # Reading a CUDA value stalls the host: there, check every _FINITE_CHECK_EVERY updates
-        # (a NaN in the weights shows in every later loss, so it is still caught).
-        if values and (self.host_reads or updates % _FINITE_CHECK_EVERY == 0):
-            loss = losses[0] if losses else total_of([Term(k, v) for k, v in values.items()])
-            if not math.isfinite(loss.item()):
-                check_finite([Term(k.split("/", 1)[1], v) for k, v in values.items()], self.step.name, updates + 1)
-                check_finite([Term("loss", loss)], self.step.name, updates + 1)  # e.g. inf - inf
+        late = self.late
+        if late is None:  # the CPU: reading the loss costs nothing
+            if values:
+                loss = losses[0] if losses else total_of([Term(k, v) for k, v in values.items()])
+                if not math.isfinite(loss.item()):
+                    self.raise_nonfinite(loss, values, updates + 1)
+            return True
+        # Reading a CUDA value stalls the host: there, every _FINITE_CHECK_EVERY updates the
+        # loss's finiteness is copied to the host asynchronously and read at a later update,
+        # once the copy is done (a NaN in the weights shows in every later loss, so it is caught).
+        if late.event is not None:
+            late.poll(self)
+        if values and updates % _FINITE_CHECK_EVERY == 0 and late.event is None:
+            late.submit(losses[0] if losses else total_of([Term(k, v) for k, v in values.items()]), values, updates + 1)
         return True
+
+    def raise_nonfinite(self, loss: torch.Tensor, values: dict[str, torch.Tensor], update: int) -> None:
+        """Raise for the non-finite ``loss`` of ``update``, naming the term that is (this reads them)."""
+        check_finite([Term(k.split("/", 1)[1], v) for k, v in values.items()], self.step.name, update)
+        check_finite([Term("loss", loss)], self.step.name, update)  # e.g. inf - inf
 
     def all_finite(self, losses: list[torch.Tensor], params: Iterable[torch.Tensor]) -> bool:
         """Whether the losses and the gradients of ``params`` are all finite (one read of one flag)."""
@@ -290,7 +314,9 @@ class StepRunner:
                 self.precision.unscale(opt)
             torch.nn.utils.clip_grad_norm_(self.trainable() if params is None else params, self.step.clip_grad_norm)
         scaler = self.precision.scaler
-        if scaler is None:
+        if self.compiled is not None and scaler is None:
+            self.compiled.step_optimizers(optimizers)
+        elif scaler is None:
             for opt in optimizers:
                 opt.step()
         else:
@@ -310,6 +336,35 @@ class StepRunner:
         """Step the per-epoch schedules."""
         for schedule in self.epoch_schedules:
             schedule.step()
+
+
+class _LateCheck:
+    """A loss's finiteness, copied to pinned host memory without waiting, read once the copy is done.
+
+    ``submit`` queues the copy and records an event; ``poll`` (at a later update) reads the
+    flag only when the event has completed, so the host never waits for the device.
+    """
+
+    __slots__ = ("step", "event", "flag", "loss", "values", "update")
+
+    def __init__(self, step: str) -> None:
+        self.step = step
+        self.event: Any = None
+        self.flag = self.loss = self.values = self.update = None
+
+    def submit(self, loss: torch.Tensor, values: dict[str, torch.Tensor], update: int) -> None:
+        self.flag = torch.isfinite(loss.detach()).to("cpu", non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+        self.loss, self.values, self.update = loss.detach(), values, update
+
+    def poll(self, runner: StepRunner) -> None:
+        if not self.event.query():  # the copy is still queued: look again at the next update
+            return
+        finite, loss, values, update = bool(self.flag), self.loss, self.values, self.update
+        self.event = self.flag = self.loss = self.values = self.update = None
+        if not finite:
+            runner.raise_nonfinite(loss, values, update)
 
 
 def declarative_update(

@@ -16,6 +16,7 @@ FLOW:
   epoch; checkpoints every 2 updates and every epoch, keeping the best by ``val/acc``.
   4 epochs, 20 updates.
 - every set-up of ``setups.py`` (shuffled, workers, weighted, ..., freeze_order), one concern each.
+- the one-shot searches of ``nas_setups.py`` (``darts``: second order with Gumbel; ``spos``).
 
 It prints ``update N`` (flushed) after each update, then ``done ...`` and ``digest HEX``: a
 SHA-256 over every tensor and number of the trainer's final state (models, optimizers,
@@ -61,6 +62,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from trainflow import Step, Trainer, checkpoint
 from trainflow.callbacks import Checkpoint, CSVLogger, Preemption
 
+from nas_setups import EPOCHS as NAS_EPOCHS, SETUPS as NAS_SETUPS
 from setups import EPOCHS as SETUP_EPOCHS, SETUPS
 
 torch.set_num_threads(1)
@@ -228,8 +230,11 @@ def accum(out: Path, pauser: Pauser, printer: Printer) -> tuple[Trainer, dict, d
     return trainer, loader(100, 6, 8, seed=3, classes=3), fit_kwargs
 
 
-FLOWS = {"gan": gan, "accum": accum, **SETUPS}
+FLOWS = {"gan": gan, "accum": accum, **SETUPS, **NAS_SETUPS}
 EPOCHS.update(SETUP_EPOCHS)
+EPOCHS.update(NAS_EPOCHS)
+#: callback states that are part of the run's numbers (others, such as CSVLogger's rows, hold wall times)
+HASHED_CALLBACKS = ("path_sampler",)
 
 
 def digest(obj: Any) -> str:
@@ -256,8 +261,11 @@ def digest(obj: Any) -> str:
 
 
 def final_state(trainer: Trainer) -> dict[str, Any]:
-    """The whole state (callbacks aside: CSVLogger's rows hold wall times), flattened one level, and logs."""
+    """The whole state (callbacks aside, but for HASHED_CALLBACKS: CSVLogger's rows hold wall times),
+    flattened one level, and logs."""
     state = {k: v for k, v in trainer.state_dict().items() if k != "callbacks"}
+    callbacks = trainer.state_dict()["callbacks"]
+    state.update({f"callbacks.{k}": callbacks[k] for k in HASHED_CALLBACKS if k in callbacks})
     loop = state.pop("loop")
     return {**state, **{f"loop.{k}": v for k, v in loop.items()}, "logs": trainer.logs}
 

@@ -17,6 +17,7 @@ import torch
 
 from trainflow import rng
 from trainflow.data.batch import move
+from trainflow.data.fetch import BatchedIterator, iterate, placed
 
 __all__ = ["Stream", "open_streams"]
 
@@ -63,9 +64,15 @@ class Stream:
         self.rng_start = rng.capture_torch(self.iterable)
         self.rng_first = None
         self.reused = _persistent(self.iterable) and self.iterable._iterator is not None
-        self.iterator = iter(self.iterable)
+        self.open()
         self.consumed = 0
         self.exhausted = False
+
+    def open(self) -> None:
+        """Make this pass's iterator: the loader's own, read in batches where it can be
+        (:mod:`trainflow.data.fetch`); on CUDA such batches arrive on the device already."""
+        self.iterator = iterate(self.iterable, self.device)
+        self.on_cpu = self.device.type == "cpu" or placed(self.iterator)
 
     def next_batch(self) -> Any:
         """The next batch; None when the "train" stream has run out (other streams start over)."""
@@ -143,13 +150,13 @@ class Stream:
             self.iterator = None
             return []
         rng.restore_torch(state["rng_start"], self.iterable)
-        self.iterator = iter(self.iterable)
+        self.open()
         if state.get("reused") and _persistent(self.iterable):
             # The pass was made by resetting persistent workers' iterator, which draws only the
             # sampler's seed; a new iterator draws the workers' base seed first. Reset the new
             # one under the same state, so the sampler draws exactly what it drew then.
             rng.restore_torch(state["rng_start"], self.iterable)
-            self.iterator = iter(self.iterable)
+            self.open()
             warnings.warn(
                 f"Data stream {self.name!r} resumes after its first pass with persistent_workers=True: its "
                 "worker processes are new, seeded afresh, while the interrupted run's kept drawing from the "
@@ -166,8 +173,9 @@ class Stream:
         skip = consumed - keep
         # a map-style DataLoader in this process: advance its sampler without loading samples;
         # anything else (an iterable dataset, workers): read the batches and drop them
-        fast = _map_style_in_process(self.iterator)
-        advance = self.iterator._next_index if fast else self.iterator.__next__
+        loader_iter = self.iterator.loader_iter if isinstance(self.iterator, BatchedIterator) else self.iterator
+        fast = _map_style_in_process(loader_iter)
+        advance = loader_iter._next_index if fast else self.iterator.__next__
         for taken in range(max(skip, 0)):
             try:
                 advance()
@@ -178,7 +186,7 @@ class Stream:
                     "run's. Resume with the same data (and batch size), or start a fresh run."
                 ) from None
         if fast:
-            self.iterator._num_yielded += max(skip, 0)
+            loader_iter._num_yielded += max(skip, 0)
         kept = [next(self.iterator) for _ in range(keep)]
         for gen, saved in zip(rng._generators(self.iterable), state.get("generators", [])):
             gen.set_state(saved)

@@ -1,4 +1,4 @@
-"""Neural architecture search: search spaces, trainers that report results, multi-trial experiments."""
+"""Neural architecture search: search spaces, trainers that report results, multi-trial experiments, one-shot search."""
 
 from trainflow.nas.module import FunctionalTrainer, ModuleTrainer, TrainModule
 from trainflow.nas.space import (
@@ -13,6 +13,8 @@ from trainflow.nas.space import (
 from trainflow.nas.experiment import Experiment, TrialRecord
 from trainflow.nas.strategies import TPE, GridSearch, Random, RegularizedEvolution
 from trainflow.nas.trial import report_final_result, report_intermediate_result
+from trainflow.nas.darts import DartsFlow, DartsTrainer, darts_flow
+from trainflow.nas.spos import SinglePathTrainer
 
 __all__ = [
     "InputChoice",
@@ -33,4 +35,8 @@ __all__ = [
     "RegularizedEvolution",
     "Experiment",
     "TrialRecord",
+    "DartsTrainer",
+    "DartsFlow",
+    "darts_flow",
+    "SinglePathTrainer",
 ]

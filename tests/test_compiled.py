@@ -1,0 +1,87 @@
+"""Trainer(compile=True): the whole update of a declarative step compiled, and where it runs eagerly.
+
+Compiling with inductor takes 20-60 s on a small CPU, so exactly one test here compiles.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_changed
+from torch.utils.data import DataLoader, TensorDataset
+
+from trainflow import Step, Trainer
+from trainflow.compiled import CompiledUpdate
+
+
+def _run(compile: bool):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    data = DataLoader(TensorDataset(torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)),
+                      batch_size=8, shuffle=True)
+    trainer = Trainer(model, Step(lambda b: F.mse_loss(model(b[0]), b[1]), opt, name="fit"), compile=compile,
+                      device="cpu")
+    torch.manual_seed(2)
+    trainer.fit(data, epochs=2)
+    return model, trainer
+
+
+def test_compiled_whole_update_matches_eager_to_float32_rounding():
+    import torch._dynamo.utils
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager, _ = _run(compile=False)
+    torch.manual_seed(0)
+    before = {k: v.clone() for k, v in torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)).state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback warning: the whole update compiled
+        compiled, trainer = _run(compile=True)
+    runner = trainer._runners[trainer.flow.steps[0]]
+    assert runner.compiled.eager_reason is None and len(runner.compiled.opt_steps) == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # the loss (forward+backward), Adam's step
+    assert trainer.updates == 8 and torch.isfinite(trainer.losses["fit/loss"])
+    assert_changed(before, compiled)
+    for a, b in zip(eager.parameters(), compiled.parameters()):  # 8 Adam updates: fused kernels reassociate
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_step_runs_eagerly_with_a_warning():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def update(batch, ctx):
+        ctx.step(model(batch).mean())
+
+    with pytest.warns(UserWarning, match=r"step 'mine' is a custom step \(Step.custom\), whose update is Python "
+                                         r"that may branch on values, so its update runs eagerly; only the models"):
+        trainer = Trainer(model, Step.custom(update, opt, name="mine"), compile=True, device="cpu")
+    assert trainer._runners[trainer.flow.steps[0]].compiled is None
+
+
+def test_a_step_whose_batches_change_shape_falls_back_to_eager_with_a_warning():
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = Step(lambda b: model(b).pow(2).mean(), opt, name="fit")
+    compiled = CompiledUpdate(step, torch.device("cpu"), max_shapes=0)
+    batch = torch.randn(5, 3)
+    with pytest.warns(UserWarning, match=r"step 'fit': its update runs eagerly from here on: its batches come in "
+                                         r"more than 0 shapes"):
+        value = compiled.loss(batch)
+    assert torch.equal(value, model(batch).pow(2).mean()) and compiled.eager_reason is not None
+
+
+def test_a_scheduled_step_keeps_its_optimizer_step_eager_with_a_warning():
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = Step(lambda b: model(b).mean(), opt, name="fit", scheduler=torch.optim.lr_scheduler.StepLR(opt, 2))
+    with pytest.warns(UserWarning, match=r"step 'fit': its optimizer step runs eagerly: it has a learning-rate "
+                                         r"schedule \(a changing float learning rate recompiles the step\)"):
+        compiled = CompiledUpdate(step, torch.device("cpu"))
+    assert compiled.opt_steps == {}
