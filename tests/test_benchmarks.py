@@ -14,8 +14,8 @@ BENCHMARKS = sorted((ROOT / "benchmarks").glob("*.py"))
 
 
 def test_every_benchmark_has_a_quick_mode():
-    assert [p.name for p in BENCHMARKS] == ["accumulation.py", "checkpoint.py", "gan_quality.py", "gpu.py", "nas.py",
-                                            "overhead.py", "peers.py"]
+    assert [p.name for p in BENCHMARKS] == ["accumulation.py", "checkpoint.py", "distributed.py", "gan_quality.py",
+                                            "gpu.py", "nas.py", "overhead.py", "peers.py"]
     for path in BENCHMARKS:
         assert '"--quick"' in path.read_text(), path.name
 

@@ -82,8 +82,8 @@ def test_printed_output_is_compared(tmp_path):
     assert blocks_with_output(guide) == [("print(1)\n", "1\n"), ("x = 2\n", None), ("pass\n", "")]
     assert len(blocks_with_output(guide)) == len(blocks(guide))
     showing = [path.name for path in DOCS if any(shown for _, shown in blocks_with_output(path))]
-    assert showing == ["accumulation.md", "checkpoints.md", "multiple-losses.md", "nas.md", "parameter-groups.md",
-                       "training-loop.md"]
+    assert showing == ["accumulation.md", "checkpoints.md", "distributed.md", "multiple-losses.md", "nas.md",
+                       "parameter-groups.md", "training-loop.md"]
     assert CHECKER.check_output(_lines("a ...e-1...\n"), _lines("a 2.8e-17\n"), doctest.ELLIPSIS)
     assert not CHECKER.check_output(_lines("a ...e-1...\n"), _lines("a 1.6e-01\n"), doctest.ELLIPSIS)
 

@@ -15,10 +15,12 @@ plain loop bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
+from trainflow.data.sharding import empty
 from trainflow.losses import Term, sum_forms
 
 __all__ = ["accumulate_window"]
@@ -46,12 +48,18 @@ def accumulate_window(
     scale: Callable[[torch.Tensor], torch.Tensor],
     params: list[torch.Tensor],
     step: str,
+    reduce: Callable[..., dict[str, Any]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Accumulate the exact gradient of the window ``chunks`` into ``params[i].grad``.
 
     ``forward(chunk)`` returns the chunk's loss terms; ``scale`` is applied to what is
     differentiated (the mixed-precision loss scale, or identity). The parameters' gradients
     must be cleared before the call. Returns each term's window value, detached.
+
+    ``reduce(params, counts, buffers, sums)`` (distributed training,
+    :meth:`trainflow.distributed.Replicate.window`) sums the window's sum-form gradients,
+    counts and loss sums over the ranks before the one division, and returns the global
+    counts. A chunk without samples (a rank's share of a short last batch) then adds nothing.
 
     Example:
         >>> import torch
@@ -70,7 +78,11 @@ def accumulate_window(
     counts: dict[str, Any] = {}
     layout: dict[str, str] | None = None
     buffers: dict[str, list[torch.Tensor | None]] = {}
-    for chunk in chunks:
+    last = max((i for i, c in enumerate(chunks) if reduce is None or not empty(c)), default=-1)
+    overlapping = getattr(reduce, "__self__", None)  # the ranks' collectives (distributed training)
+    for i, chunk in enumerate(chunks):
+        if reduce is not None and empty(chunk):
+            continue
         terms = forward(chunk)
         groups, group_of = _sums(terms, chunk, step)
         if layout is None:
@@ -89,12 +101,29 @@ def accumulate_window(
             counts[group] = count if group not in counts else counts[group] + count
         if len(groups) == 1:
             ((total, _),) = groups.values()
-            scale(total).backward(inputs=params)
+            # the window's last backward: under torchrun its gradients are sent as they are made
+            with overlapping.overlapping(params) if overlapping is not None and i == last else nullcontext():
+                scale(total).backward(inputs=params)
         else:
             _into_buffers(groups, params, buffers, scale)
-    assert layout is not None, "an update window has at least one chunk"
+    if layout is None:  # no sample on this rank: its terms, so that it adds zeros to the same sums
+        layout = _empty_window(forward(chunks[0]), chunks[0], step, term_sums, counts, buffers, len(params))
+    if reduce is not None:
+        counts = reduce(params, counts, buffers, term_sums)
     _normalise(params, counts, buffers)
     return {name: total / counts[layout[name]] for name, total in term_sums.items()}
+
+
+def _empty_window(terms, chunk, step, term_sums, counts, buffers, n_params) -> dict[str, str]:
+    """The layout of a window whose every chunk is empty: each term's sum and each count zero."""
+    groups, group_of = _sums(terms, chunk, step)
+    for term in terms:
+        term_sums[term.name] = torch.zeros((), dtype=term.value.dtype, device=term.value.device)
+    for group in groups:
+        counts[group] = 0
+        if len(groups) > 1:
+            buffers[group] = [None] * n_params
+    return group_of
 
 
 def _into_buffers(groups, params, buffers, scale) -> None:

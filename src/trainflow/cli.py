@@ -14,12 +14,20 @@ one. When ``runs/mlp`` already holds a run, the same command writes ``runs/mlp-2
 ``runs/mlp-3``...) and says so; ``--resume`` continues the newest of them (or the ``--out``
 folder given), and on a finished run says at which epoch it finished and how to train further
 (``--resume --epochs N``).
+
+``trainflow run mlp --nproc 2`` trains with 2 processes: the command launches ``torchrun
+--standalone --nproc-per-node 2`` on itself (the run folder chosen first, and passed to every
+rank), and the example's ``Trainer`` trains data-parallel (see :mod:`trainflow.distributed`);
+rank 0 prints and writes the artifacts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
+import subprocess
 import sys
 import time
 import warnings
@@ -70,6 +78,10 @@ def _parsers(names: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Ar
     run.add_argument("--seed", type=_int_at_least(0), default=0, help="global torch seed (default: 0)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (still one line per epoch)")
     run.add_argument(
+        "--nproc", type=_int_at_least(1), default=None,
+        help="train with N processes on this machine (launches torchrun --nproc-per-node N)",
+    )
+    run.add_argument(
         "--resume", action="store_true",
         help="continue a run from its newest checkpoint: the --out folder, else the newest run of the example "
         "(a fresh start when there is none)",
@@ -80,7 +92,8 @@ def _parsers(names: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Ar
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``trainflow`` command line; return the exit code.
 
-    Usage: ``trainflow run <example> [--epochs N] [--out DIR] [--seed S] [--no-progress] [--resume]``
+    Usage: ``trainflow run <example> [--epochs N] [--out DIR] [--seed S] [--no-progress] [--resume]
+    [--nproc N]``
     and ``trainflow run --list``. An unknown example exits with code 2 and the valid names. A
     run into a folder that holds an earlier run writes the next version (``<out>-2``...).
 
@@ -109,8 +122,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.example is None:
         run_parser.error(f"name an example to run (one of: {', '.join(names)}), or pass --list.")
+    if args.nproc is not None and args.example == "nas-digits":
+        run_parser.error("--nproc trains one model with several processes; nas-digits runs a search of many "
+                         "trials, which run side by side through its experiment's storage instead. Drop --nproc.")
     base = args.out if args.out is not None else Path("runs") / args.example
     out_dir = _run_folder(base, args.resume, explicit=args.out is not None)
+    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
+        if out_dir != base and not args.resume:
+            print(f"{base} holds an earlier run; this run writes {out_dir}.")
+        return _launch(args, out_dir)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for the run
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return _run(args, out_dir, base)
+    return _run(args, out_dir, base)
+
+
+def _launch(args: argparse.Namespace, out_dir: Path) -> int:
+    """``trainflow run ... --nproc N``: the same command under ``torchrun --nproc-per-node N``, into ``out_dir``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "trainflow.cli", "run", args.example, "--out", str(out_dir), "--seed", str(args.seed)]
+    if args.epochs is not None:
+        command += ["--epochs", str(args.epochs)]
+    command += ["--no-progress"] * args.no_progress + ["--resume"] * args.resume
+    return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
+def _run(args: argparse.Namespace, out_dir: Path, base: Path) -> int:
+    """Run the example into ``out_dir`` and say what it wrote."""
+    from trainflow.examples import EXAMPLES
+
     resume_command = f"trainflow run {args.example} --out {out_dir} --resume"
     before = _newest_entry(out_dir / "checkpoints")
     if args.resume and before is not None:

@@ -12,6 +12,13 @@ loss given to ``ctx.backward`` since the last step, or a gradient of the optimiz
 stepped, is NaN or infinite, that step and every later one of the same call step nothing
 (their gradients are cleared); the steps the call took before it stand. The update then
 counts in ``trainer.skipped`` and its values are not averaged into the epoch's means.
+
+Under ``torchrun`` each ``ctx.step`` first averages the gradients of the optimizers it steps
+over the ranks, weighted by each rank's number of samples (the losses given to
+``ctx.backward`` are taken as means over the batch), and the values the function returns are
+logged as such means over all ranks: the update one process makes on the combined batch. Every
+rank must call ``ctx.step`` as often as the others (the same code does). A rank whose share of
+a short last batch is empty differentiates nothing and adds nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from trainflow.data.batch import sample_count
 from trainflow.losses import collect_added, parse_loss, unreached_message
 
 if TYPE_CHECKING:
@@ -58,8 +66,9 @@ class UpdateContext:
         (['gan/d_loss', 'gan/g_loss'], 3)
     """
 
-    def __init__(self, runner: StepRunner, updates: int) -> None:
+    def __init__(self, runner: StepRunner, updates: int, count: int = 1) -> None:
         self._runner = runner
+        self._count = count  # this rank's samples (weights its gradients under torchrun)
         self._updates = updates
         self.name = runner.step.name
         self.optimizers: tuple[torch.optim.Optimizer, ...] = runner.step.optimizers
@@ -90,10 +99,12 @@ class UpdateContext:
     def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Differentiate ``loss`` into ``optimizer``'s parameters only (default: all the step's)."""
         params = [p for p in self._params(self._chosen(optimizer)) if p.requires_grad]
+        self._losses.append(loss.detach())
+        if self._count == 0:  # no sample on this rank: it adds nothing to the ranks' sum
+            return
         self._runner.backward(loss, params)
         if params and all(p.grad is None for p in params):
             raise ValueError(unreached_message(self.name))
-        self._losses.append(loss.detach())
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Step ``optimizer`` (default: all the step's), clipping first if the step clips.
@@ -105,6 +116,9 @@ class UpdateContext:
         params = self._params(chosen)
         self.stepped += 1
         losses, self._losses = self._losses, []
+        ranks = self._runner.ranks
+        if ranks is not None:  # the gradients of the whole batch, on every rank
+            losses = ranks.average(params, self._count, losses)
         if self.dropped or not self._runner.decide(losses, params, None, self._updates):
             self.dropped = True  # this step and the call's later ones step nothing
             self._runner.zero_grad(chosen)
@@ -187,7 +201,8 @@ def custom_update(
 
     def run(runner: StepRunner, batches: Sequence[Any], updates: int) -> tuple[dict[str, torch.Tensor], bool]:
         name = runner.step.name
-        ctx = UpdateContext(runner, updates)
+        count = 1 if runner.ranks is None else sample_count(batches[0], name)
+        ctx = UpdateContext(runner, updates, count)
         guard.arm()
         with runner.precision.autocast():
             out, _ = collect_added(update, batches[0], ctx, into=ctx._aux)
@@ -203,6 +218,8 @@ def custom_update(
             )
         guard.check(name)
         values = runner.values(parse_loss(check_result(out, name), name)) if out is not None else {}
+        if runner.ranks is not None:
+            values = runner.ranks.mean_values(values, count)
         if ctx.dropped:  # a ctx.step met a non-finite value and stepped nothing from there on
             runner.zero_grad()
         runner.finish(bool(ctx.applied), not ctx.dropped)

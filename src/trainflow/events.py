@@ -144,13 +144,16 @@ class Events:
         epoch done {'epoch': 4}
     """
 
-    def __init__(self, callbacks: Iterable[Any] = ()) -> None:
+    def __init__(self, callbacks: Iterable[Any] = (), rank_zero: bool = True) -> None:
         if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
             raise TypeError(
                 "Trainer: `callbacks` must be a list of callback objects. "
                 f"Received: callbacks={callbacks!r}. Wrap a single callback in a list: callbacks=[cb]."
             )
         self.callbacks: list[Any] = []
+        #: False on the other ranks under torchrun: callbacks with ``rank_zero_only = True`` (loggers,
+        #: progress bars, sample grids) are kept (their state is the run's) but never called there
+        self.rank_zero = rank_zero
         self.handlers: dict[str, list[Callable]] = {name: [] for name in EVENTS}
         for cb in callbacks:
             self.add(cb)
@@ -192,6 +195,8 @@ class Events:
             )
         chosen = _check_filters(callback, methods, getattr(callback, "event_filters", None), "event_filters")
         chosen.update(_check_filters(callback, methods, filters, "filters"))
+        if not self.rank_zero and getattr(callback, "rank_zero_only", False):
+            methods = {}  # it writes: rank 0's copy does
         for attr in EVENTS:  # in the events' order: the same as dir()'s for the names that are there
             if attr not in methods:
                 continue

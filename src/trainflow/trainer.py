@@ -16,8 +16,10 @@ from trainflow.callbacks.progress_bar import ProgressBar, is_terminal
 from trainflow.data.batch import move
 from trainflow.data.fetch import input_path
 from trainflow.data.position import DataPosition, split_loop_state
+from trainflow.data.sharding import empty, is_sharded
 from trainflow.data.streams import open_streams
 from trainflow.describe import describe
+from trainflow.distributed import RankState, check_world_size, check_world_size_change, local_device, resolve
 from trainflow.events import Events
 from trainflow.flow import Flow
 from trainflow.losses import Term, parse_loss, sum_forms
@@ -61,6 +63,12 @@ class Trainer:
         progress: when standard output is a terminal, show a progress bar and one summary line
             per epoch (a :class:`~trainflow.callbacks.ProgressBar`, unless ``callbacks`` holds
             one already). Never in a pipe, a log file or a test. ``progress=False`` turns it off.
+        distributed: ``"auto"`` (``"replicate"`` under ``torchrun``, one process otherwise),
+            ``"replicate"`` or ``"off"`` (see :mod:`trainflow.distributed`). Under ``torchrun``
+            the trainer joins the process group, every rank starts from rank 0's weights, each
+            step's gradients are summed over the ranks, plain DataLoaders are sharded
+            (:mod:`trainflow.data.sharding`), and the writing callbacks run on rank 0 only
+            (``trainer.is_global_zero``). ``state_dict()`` is then a collective: call it on every rank.
 
     Counters: ``trainer.epoch`` (completed epochs) and ``trainer.updates`` (optimizer updates
     of all steps); ``trainer.max_epochs`` / ``trainer.max_updates`` are the current ``fit``'s
@@ -99,6 +107,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         on_nonfinite: str = "raise",
         progress: bool = True,
+        distributed: str = "auto",
     ) -> None:
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
@@ -107,13 +116,14 @@ class Trainer:
             )
         self.on_nonfinite = on_nonfinite
         self.flow = steps if isinstance(steps, Flow) else Flow(list(steps) if not isinstance(steps, Step) else steps)
-        self.device = pick_device(device)
+        self.device = pick_device(local_device(device))
+        self._ranks = resolve(distributed, self.device)  # None: one process
         self._models = Models(models, self.device, compile)
         self.models = self._models.by_name
         self.model_tree = self._models.tree  # the models as given (for naming parameters)
         self.precision = Precision(precision, self.device)
         self.metrics = Metrics(metrics)
-        self.events = Events(callbacks)
+        self.events = Events(callbacks, rank_zero=self.is_global_zero)
         if not isinstance(progress, bool):
             raise TypeError(
                 f"Trainer: `progress` must be True or False. Received: progress={progress!r}. "
@@ -132,6 +142,8 @@ class Trainer:
             step: StepRunner(step, named, self.precision, on_nonfinite, host_reads, self._models.compiled)
             for step in self.flow.steps
         }
+        for runner in self._runners.values():
+            runner.ranks = self._ranks
         self._step_order = {step.name: i for i, step in enumerate(self.flow.steps)}
         self._optimizers = Optimizers(self.flow.steps)
         self.optimizers = self._optimizers.by_name
@@ -152,6 +164,17 @@ class Trainer:
         self.skipped = 0  # updates dropped for non-finite values (on_nonfinite="skip")
         self.stop_reason: str | None = None
         self._stop_loaded = False  # the stop came with a loaded state: the next fit keeps it
+        self._rank_state = None if self._ranks is None else RankState(self._ranks)
+
+    @property
+    def is_global_zero(self) -> bool:
+        """Whether this process is rank 0 (the one that logs and writes files); True in one process."""
+        return self._ranks is None or self._ranks.is_global_zero
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes training together (1 without torchrun)."""
+        return 1 if self._ranks is None else self._ranks.world_size
 
     # ------------------------------------------------------------------ the loop
 
@@ -164,6 +187,7 @@ class Trainer:
         val_data: Iterable | None = None,
         val_step: Callable[[Any], Any] | None = None,
         resume: str | Path | None = None,
+        world_size_change: str = "refuse",
     ) -> None:
         """Train until ``epochs`` epochs or ``max_updates`` updates have been completed.
 
@@ -176,13 +200,20 @@ class Trainer:
         after it stopped itself (``EarlyStopping``, ``on_nonfinite="stop"``; not a signal) stays
         stopped: no update, the saved ``stop_reason``. The checkpoint is checked against the
         trainer and ``data`` (optimizer types, each stream's batches and batch size) before
-        anything is loaded.
+        anything is loaded. Under ``torchrun`` a state saved under another world size is refused
+        unless ``world_size_change="allow"`` (then the run continues exact up to rounding).
         """
         self._check_fit(epochs, max_updates, val_data, val_step)
+        change = check_world_size_change(world_size_change)
+        if self._ranks is not None:
+            data = self._ranks.shard(data)  # this rank's share of each plain DataLoader
         streams = open_streams(data, self._stream_users(), self.device)
         if resume is not None:
-            self._resume(resume, streams)
+            self._resume(resume, streams, change)
         self._data.place(streams)
+        if self._ranks is not None:
+            self._rank_state.place(change)  # this rank's own generators, once the data has drawn
+            self._ranks.start(self._shared_tensors())  # every rank from rank 0's weights
         self._keep_stop_if_loaded()
         self.max_epochs, self.max_updates = epochs, max_updates
         self._warn_before_fit(epochs, max_updates)
@@ -224,12 +255,15 @@ class Trainer:
                 needed.setdefault(name, step.name)
         return needed
 
-    def _resume(self, resume: str | Path, streams: dict) -> None:
-        """Load the checkpoint ``resume`` names, once it is known to fit the trainer and ``streams``."""
+    def _resume(self, resume: str | Path, streams: dict, world_size_change: str) -> None:
+        """Load the checkpoint ``resume`` names, once it is known to fit the trainer and ``streams``
+        (and the world size)."""
         path = checkpoint.resume_path(resume, self.out_dir)
         if path is None:
             return  # resume="latest" on a first run: nothing to resume yet
         state = split_loop_state(checkpoint.load(path))
+        if isinstance(state, Mapping):
+            check_world_size(state.get("ranks") or {}, self.world_size, world_size_change)
         if isinstance(state, Mapping) and isinstance(state.get("data"), Mapping) and "streams" in state["data"]:
             DataPosition.check(state["data"], streams)  # before anything is loaded
         self.load_state_dict(state)
@@ -308,11 +342,17 @@ class Trainer:
         )
         handlers = self.events.handlers["on_update_end"]
         limit = math.inf if max_updates is None else max_updates
+        ranks = self._ranks
+        agree = ranks is not None and not is_sharded(self._data.streams["train"].iterable)
         while True:
+            if ranks is not None:
+                self._agree_on_stop()
             if self.should_stop or self.updates >= limit:
                 return False
             step = flow.current
             batches = window(step)
+            if agree and ranks.any(batches is None)[0]:  # data of unknown length: any rank's end is every rank's
+                return True
             if batches is None:
                 return True
             losses, applied = runners[step].run(batches, self.updates)
@@ -329,6 +369,18 @@ class Trainer:
                     self.stop("nonfinite")
             for handler in handlers:
                 handler(self, step, losses)
+
+    def _agree_on_stop(self) -> None:
+        """Under torchrun: a stop asked on any rank (a signal, a callback) stops every rank, for the same reason."""
+        if self._ranks.any(self.should_stop)[0]:
+            reasons = [r for r in self._ranks.gather(self.stop_reason if self.should_stop else None) if r]
+            self.should_stop = True
+            self.stop_reason = self.stop_reason or (reasons[0] if reasons else "requested")
+
+    def _shared_tensors(self) -> list[torch.Tensor]:
+        """What every rank must hold alike at the start: the models' parameters and buffers, free parameters."""
+        tensors = [t for model in self.models.values() for t in (*model.parameters(), *model.buffers())]
+        return tensors + list(self._free_params.by_name.values())
 
     def _end_epoch(self, val_data: Iterable | None, val_step: Callable | None) -> None:
         self._data.end_epoch()
@@ -403,12 +455,19 @@ class Trainer:
         if not callable(step):
             raise TypeError(f"evaluate: `step` must be a function of the batch. Received: step={step!r}.")
         sums: dict[str, list] = {}
+        ranks = self._ranks
+        if ranks is not None:
+            data = ranks.shard(data)
         with self._models.mode(training=False), torch.inference_mode(), self.precision.autocast():
             for batch in data:
+                if ranks is not None and empty(batch):
+                    continue  # this rank's share of a short last batch: nothing to add
                 batch = move(batch, self.device)
                 out = step(batch)
                 if out is not None:
                     _add_val_losses(sums, parse_loss(out, "validation"), batch)
+            if ranks is not None:
+                ranks.sum_values(sums)
         logs = {f"val/{name}": (total / count).item() for name, (total, count) in sums.items()}
         logs.update(self.metrics.collect("val"))
         return logs
@@ -416,7 +475,8 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def _run_state(self) -> RunState:
-        """The run's stateful parts, by the keys of its state (restored in this order)."""
+        """The run's stateful parts, by the keys of its state (restored in this order); under
+        torchrun also "ranks": the world size and every rank's generators."""
         return RunState({
             "flow": self.flow,
             "models": self._models,
@@ -428,6 +488,7 @@ class Trainer:
             "callbacks": self._callback_states,
             "data": self._data,
             "loop": Stateful(self._loop_state, self._load_loop),
+            **({} if self._rank_state is None else {"ranks": self._rank_state}),
         })
 
     def state_dict(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from trainflow.losses import (
 )
 
 if TYPE_CHECKING:
+    from trainflow.distributed import Replicate
     from trainflow.precision import Precision
     from trainflow.step import Step
 
@@ -65,7 +66,7 @@ class StepRunner:
     __slots__ = (
         "step", "precision", "on_nonfinite", "host_reads", "params", "owns_all", "keys", "loss_key",
         "update_schedules", "epoch_schedules", "by_optimizer", "zero_grad_params", "zero_grad_opts", "reached",
-        "update", "compiled", "late",
+        "update", "compiled", "late", "ranks",
     )
 
     def __init__(
@@ -108,6 +109,8 @@ class StepRunner:
         self.reached = False  # set once an update's loss has given one of the step's parameters a gradient
         self.update_schedules = tuple(s for s in step.schedulers if s.interval == "update")
         self.epoch_schedules = tuple(s for s in step.schedulers if s.interval == "epoch")
+        #: the ranks' collectives under torchrun (trainflow.distributed.Replicate), set by the trainer
+        self.ranks: Replicate | None = None
         if step.update is None:
             self.update: UpdateFn = declarative_update
         else:
@@ -174,13 +177,14 @@ class StepRunner:
 
         A window of one chunk is differentiated as is, so that it matches a plain loop bit for
         bit; a plain scalar loss (no ``add_loss``, no dict) is not even parsed. Several chunks
-        are accumulated exactly (:func:`trainflow.accumulation.accumulate_window`).
+        are accumulated exactly (:func:`trainflow.accumulation.accumulate_window`); so is every
+        window under torchrun, its sums added over the ranks before the division.
         """
         step = self.step
         self.zero_grad()
         if step.microbatch_size is not None:
             batches = [c for b in batches for c in split(b, step.microbatch_size, step.name)]
-        if len(batches) == 1:
+        if len(batches) == 1 and self.ranks is None:
             out, added = self.call_loss(batches[0])
             if not added and type(out) is torch.Tensor and not out.ndim:  # a plain scalar: nothing to parse
                 loss, values = out, {self.loss_key: out.detach()}
@@ -189,7 +193,8 @@ class StepRunner:
                 loss, values = total_of(terms), self.values(terms)
             self.backward(loss)
         else:
-            window = accumulate_window(batches, self.forward, self.precision.scale, self.trainable(), step.name)
+            reduce = None if self.ranks is None else self.ranks.window
+            window = accumulate_window(batches, self.forward, self.precision.scale, self.trainable(), step.name, reduce)
             values = {self.key(name): value for name, value in window.items()}
             loss = total_of([Term(k, v) for k, v in values.items()])
         if not self.reached:

@@ -164,7 +164,8 @@ class Checkpoint:
     def on_fit_start(self, trainer: Any) -> None:
         self._folder = output_path("Checkpoint", "dir", self.dir, trainer, "checkpoints")
         self._folder.mkdir(parents=True, exist_ok=True)
-        _remove_temporary_files(self._folder)
+        if getattr(trainer, "is_global_zero", True):  # under torchrun rank 0 writes (and cleans up) the folder
+            _remove_temporary_files(self._folder)
         self.records = self._read_records(self._folder)
         ahead = [r["file"] for r in self.records if r["update"] > trainer.updates]
         if ahead:
@@ -206,11 +207,16 @@ class Checkpoint:
     def _save(self, trainer: Any, value: float | None, reason: str) -> None:
         point = (trainer.updates, trainer.epoch)
         if point == self._saved_at:  # nothing happened since the last save (e.g. a signal right after an epoch end)
-            if reason == "signal" and self.records and self.records[-1]["reason"] != reason:
+            relabel = reason == "signal" and self.records and self.records[-1]["reason"] != reason
+            if relabel and getattr(trainer, "is_global_zero", True):  # under torchrun rank 0 writes
                 self.records[-1]["reason"] = reason  # what a restarted job looks for: it was interrupted
                 self._write_index()
             return
-        path = checkpoint.save(trainer.state_dict(), checkpoint.path_for(self._folder, *point))
+        state = trainer.state_dict()  # under torchrun a collective: every rank takes part, rank 0 writes
+        if not getattr(trainer, "is_global_zero", True):
+            self._saved_at = point
+            return
+        path = checkpoint.save(state, checkpoint.path_for(self._folder, *point))
         self._saved_at = point
         record = {
             "file": path.name,

@@ -52,6 +52,9 @@ class CSVLogger:
         >>> tmp.cleanup()
     """
 
+    #: under torchrun only rank 0 calls it: it writes (see trainflow.distributed)
+    rank_zero_only = True
+
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = optional_path("CSVLogger", "path", path, "metrics.csv")
         self.rows: list[dict[str, Any]] = []

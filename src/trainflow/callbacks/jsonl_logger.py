@@ -51,6 +51,9 @@ class JSONLLogger:
         >>> tmp.cleanup()
     """
 
+    #: under torchrun only rank 0 calls it: it writes (see trainflow.distributed)
+    rank_zero_only = True
+
     def __init__(self, path: str | Path | None = None, every: int = 50) -> None:
         self.path = optional_path("JSONLLogger", "path", path, "metrics.jsonl")
         self.every = positive_int("JSONLLogger", "every", every, "write every N updates", "every=50")

@@ -48,6 +48,9 @@ class LossLogger:
         update 4  l2/loss=0.0000
     """
 
+    #: under torchrun only rank 0 calls it: it writes (see trainflow.distributed)
+    rank_zero_only = True
+
     def __init__(self, every: int = 100, print_func: Callable[[dict[str, float]], Any] | None = None) -> None:
         self.every = positive_int("LossLogger", "every", every, "log every N updates", "every=100")
         if print_func is not None and not callable(print_func):

@@ -91,6 +91,9 @@ class ProgressBar:
         epoch 2/2  updates 8  l2/loss 0.0000  (...s)
     """
 
+    #: under torchrun only rank 0 calls it: it writes (see trainflow.distributed)
+    rank_zero_only = True
+
     def __init__(self, refresh_per_second: float = 4, console: Console | None = None) -> None:
         self.refresh_per_second = number(
             "ProgressBar", "refresh_per_second", refresh_per_second,

@@ -151,6 +151,9 @@ class SampleGrid:
         >>> tmp.cleanup()
     """
 
+    #: under torchrun only rank 0 calls it: it writes (see trainflow.distributed)
+    rank_zero_only = True
+
     def __init__(
         self,
         generator: nn.Module,

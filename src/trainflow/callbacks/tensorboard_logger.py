@@ -46,6 +46,9 @@ class TensorBoardLogger:
         >>> tmp.cleanup()
     """
 
+    #: under torchrun only rank 0 calls it: it writes (see trainflow.distributed)
+    rank_zero_only = True
+
     def __init__(self, log_dir: str | Path | None = None, every: int = 50) -> None:
         try:  # imported here: tensorboard is an optional extra
             from torch.utils.tensorboard import SummaryWriter

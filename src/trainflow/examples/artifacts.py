@@ -249,7 +249,7 @@ def finish(out_dir: str | Path, trainer: Trainer) -> dict[str, float]:
 
     An interrupted run writes nothing (its epoch may not have ended) and returns its logs so far.
     """
-    if interrupted(trainer):
+    if interrupted(trainer) or not trainer.is_global_zero:  # under torchrun rank 0 writes
         return dict(trainer.logs)
     out_dir = Path(out_dir)
     plot_curves(out_dir / "metrics.csv", out_dir / "curves.png")
@@ -313,6 +313,6 @@ def train_and_finish(
         models, steps, metrics=metrics, callbacks=run_callbacks(progress, *callbacks, first=first), out_dir=out_dir
     )
     trainer.fit(data, epochs=epochs, resume="latest" if resume else None, **fit)
-    if after is not None and not interrupted(trainer):
+    if after is not None and not interrupted(trainer) and trainer.is_global_zero:  # under torchrun: rank 0 writes
         after(trainer)
     return finish(out_dir, trainer)
