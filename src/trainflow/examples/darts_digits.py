@@ -33,12 +33,10 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
-from torchmetrics.classification import MulticlassAccuracy
 
-from trainflow import Step, Trainer
 from trainflow.data import digits
 from trainflow.examples.artifacts import finish, interrupted, run_callbacks, start
-from trainflow.examples.nas_digits import NOISE, Noisy, Zero
+from trainflow.examples.nas_digits import NOISE, Noisy, Zero, train_classifier
 from trainflow.nas import DartsTrainer, LayerChoice, fixed_arch
 
 __all__ = [
@@ -163,21 +161,7 @@ def retrain(arch: dict[str, Any], train: DataLoader, val: DataLoader, seed: int,
     torch.manual_seed(seed)
     with fixed_arch(arch):
         model = space()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    accuracy = MulticlassAccuracy(num_classes=10, average="micro")
-
-    def loss(batch: Any) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x), y)
-
-    def val_step(batch: Any) -> None:
-        x, y = batch
-        accuracy.update(model(x), y)
-
-    trainer = Trainer(model, Step(loss, optimizer, name="retrain"), metrics={"val/acc": accuracy}, device="cpu",
-                      progress=False)
-    trainer.fit(train, epochs=epochs, val_data=val, val_step=val_step)
-    return trainer.logs["val/acc"]
+    return train_classifier(model, train, val, epochs=epochs, name="retrain", progress=False)
 
 
 def run(
