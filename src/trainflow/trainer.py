@@ -351,9 +351,8 @@ class Trainer:
                 return False
             step = flow.current
             batches = window(step)
-            if agree and ranks.any(batches is None)[0]:  # data of unknown length: any rank's end is every rank's
-                return True
-            if batches is None:
+            # data of unknown length under torchrun: any rank's end is every rank's (a collective: asked first)
+            if (agree and ranks.any(batches is None)[0]) or batches is None:
                 return True
             losses, applied = runners[step].run(batches, self.updates)
             self.updates += 1
