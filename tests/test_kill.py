@@ -276,7 +276,7 @@ def test_sigint_in_a_forked_child_and_twice_interrupts_at_once(server, tmp_path)
     child = server.start(["accum", str(tmp_path / "twice"), "--pause", "forward:4:2"], tmp_path / "twice.log")
     assert child.wait_for(r"^paused forward:4:2$")
     child.kill(signal.SIGINT)
-    time.sleep(0.1)
+    assert child.wait_for(r"^signal taken$")  # the first one is handled; the second cannot merge with it
     child.kill(signal.SIGINT)
     assert child.wait() == 1
     assert "KeyboardInterrupt" in child.text() and "done " not in child.text()

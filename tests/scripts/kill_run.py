@@ -29,6 +29,7 @@ schedulers, metrics, loop counters, stream positions and RNG states), and its la
   ``replace:U``    after checkpoint U's temporary file is complete and fsynced, before its rename
   ``index:U``      after checkpoint U is complete, before ``index.json`` is replaced
   ``end``          after ``fit`` has returned, before the run prints its result
+While paused, it prints ``signal taken`` once Preemption has taken a first signal.
 ``--throttle S`` sleeps S seconds after each update (so a kill can land at a random moment).
 
 ``--serve`` is a fork server: it imports torch once, then for each stdin line
@@ -90,7 +91,17 @@ class Pauser:
 
     def pause(self, what: str) -> None:
         print(f"paused {what}", flush=True)
-        time.sleep(120)  # the test kills the process long before this ends
+        # the test kills the process long before this ends; a first signal that Preemption has
+        # taken is announced, so that a test sends a second one only then (two signals that
+        # arrive before the process runs again merge into one)
+        preemption = [cb for cb in (self.trainer.events.callbacks if self.trainer else ()) if isinstance(cb, Preemption)]
+        announced = False
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+            if not announced and any(cb.signal is not None for cb in preemption):
+                print("signal taken", flush=True)
+                announced = True
         print("pause ended without a kill", flush=True)
         os._exit(3)
 
