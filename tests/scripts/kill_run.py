@@ -47,6 +47,7 @@ import io
 import json
 import os
 import random
+import signal
 import sys
 import time
 import traceback
@@ -316,6 +317,9 @@ def main(argv: list[str]) -> int:
 
 def serve() -> None:
     torch.optim.SGD([nn.Parameter(torch.zeros(1))])  # the first optimizer imports torch._dynamo (seconds): once, here
+    # Ctrl-C raises KeyboardInterrupt, as in a script started from a terminal, even when the tests
+    # run in the background of a non-interactive shell (which starts them with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print("ready", flush=True)
     for line in sys.stdin:
         command, _, arg = line.strip().partition(" ")
