@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -84,13 +84,7 @@ def check_mode(mode: Any) -> str:
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(
             f"Trainer: `distributed` must be one of {MODES}. Received: distributed={mode!r}. Use 'auto' "
-            "(replicate under torchrun, one process otherwise), 'replicate', or 'off'."
-        )
-    if mode == "fsdp":
-        raise ValueError(
-            "Trainer: distributed='fsdp' (sharding the models with fully_shard) is not available yet. "
-            "Received: distributed='fsdp'. Use distributed='replicate' (every rank holds the whole model), "
-            "or 'auto'."
+            "(replicate under torchrun, one process otherwise), 'replicate', 'fsdp' (shard the models), or 'off'."
         )
     return mode
 
@@ -111,11 +105,12 @@ def local_device(device: Any) -> Any:
 
 
 def resolve(mode: Any, device: torch.device) -> Replicate | None:
-    """The collectives of ``Trainer(..., distributed=mode)``: a :class:`Replicate`, or None for one process.
+    """The collectives of ``Trainer(..., distributed=mode)``: a :class:`Replicate` (for "fsdp"
+    its subclass :class:`trainflow.fsdp.Sharded`), or None for one process.
 
     "auto" is "replicate" under ``torchrun`` (``WORLD_SIZE`` > 1, or a process group already
-    initialised), one process otherwise; "replicate" needs ``torchrun`` (any world size: at
-    ``--nproc-per-node 1`` it runs the distributed path alone) or an initialised group.
+    initialised), one process otherwise; "replicate" and "fsdp" need ``torchrun`` (any world
+    size: at ``--nproc-per-node 1`` they run the distributed path alone) or an initialised group.
 
     Example:
         >>> import torch
@@ -129,11 +124,15 @@ def resolve(mode: Any, device: torch.device) -> Replicate | None:
         return None
     if not (_torchrun() or _joined()):
         raise ValueError(
-            "Trainer: distributed='replicate' needs several processes, but this one was not started by "
+            f"Trainer: distributed={mode!r} needs several processes, but this one was not started by "
             "torchrun (LOCAL_RANK and WORLD_SIZE are unset) and no process group is initialised. Received: "
-            "distributed='replicate'. Launch the script with `torchrun --nproc-per-node 2 script.py`, or "
+            f"distributed={mode!r}. Launch the script with `torchrun --nproc-per-node 2 script.py`, or "
             "pass distributed='auto' to run in one process when not launched."
         )
+    if mode == "fsdp":
+        from trainflow.fsdp import Sharded
+
+        return Sharded(device)
     return Replicate(device)
 
 
@@ -156,6 +155,9 @@ class Replicate:
         ([1.0, 1.0], 1, True)
         >>> dist.destroy_process_group()
     """
+
+    #: whether the models are sharded (fsdp: :class:`trainflow.fsdp.Sharded`)
+    shards = False
 
     def __init__(self, device: torch.device) -> None:
         if not _joined():
@@ -214,6 +216,20 @@ class Replicate:
             self.broadcast_(tensors)
 
     # ------------------------------------------------------------------ gradients
+
+    def isolated(self, owned: Sequence[torch.Tensor]) -> Any:
+        """Around a step's window (fsdp switches off the other parameters' gradients; here nothing:
+        each backward differentiates into the step's own parameters)."""
+        return nullcontext()
+
+    def pad_chunks(self, chunks: list[Any]) -> list[Any]:
+        """A window's micro-batches (fsdp pads them to the same count on every rank)."""
+        return chunks
+
+    def backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor], last: bool) -> None:
+        """One chunk's backward into ``params``; the window's ``last`` sends its buckets as they are made."""
+        with self.overlapping(params) if last else nullcontext():
+            loss.backward(inputs=params)
 
     @contextmanager
     def overlapping(self, params: Sequence[torch.Tensor]) -> Iterator[None]:

@@ -118,8 +118,12 @@ class Trainer:
         self.flow = steps if isinstance(steps, Flow) else Flow(list(steps) if not isinstance(steps, Step) else steps)
         self.device = pick_device(local_device(device))
         self._ranks = resolve(distributed, self.device)  # None: one process
+        if self._ranks is not None and self._ranks.shards:  # fsdp: refused features first
+            self._ranks.check(self.flow.steps, precision, compile)
         self._models = Models(models, self.device, compile)
         self.models = self._models.by_name
+        if self._ranks is not None and self._ranks.shards:  # fully_shard in place; optimizers rebound
+            self._ranks.shard_models(self.models, self.flow.steps)
         self.model_tree = self._models.tree  # the models as given (for naming parameters)
         self.precision = Precision(precision, self.device)
         self.metrics = Metrics(metrics)
@@ -165,6 +169,12 @@ class Trainer:
         self.stop_reason: str | None = None
         self._stop_loaded = False  # the stop came with a loaded state: the next fit keeps it
         self._rank_state = None if self._ranks is None else RankState(self._ranks)
+        self._state_parts = {"models": self._models, "optimizers": self._optimizers}
+        if self._ranks is not None and self._ranks.shards:  # fsdp: the sharded state of both
+            from trainflow.fsdp import ShardedModels, ShardedOptimizers
+
+            self._state_parts = {"models": ShardedModels(self._models),
+                                 "optimizers": ShardedOptimizers(self._optimizers, self.models)}
 
     @property
     def is_global_zero(self) -> bool:
@@ -478,8 +488,7 @@ class Trainer:
         torchrun also "ranks": the world size and every rank's generators."""
         return RunState({
             "flow": self.flow,
-            "models": self._models,
-            "optimizers": self._optimizers,
+            **self._state_parts,  # "models", "optimizers"
             "schedulers": self._schedules,
             "params": self._free_params,
             "precision": self.precision,
