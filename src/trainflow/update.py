@@ -192,15 +192,16 @@ class StepRunner:
                 terms = self.terms(out, added)
                 loss, values = total_of(terms), self.values(terms)
             self.backward(loss)
-        elif self.ranks is None:
-            window = accumulate_window(batches, self.forward, self.precision.scale, self.trainable(), step.name)
-        else:  # under torchrun: the window's sums are added over the ranks (fsdp: isolation by requires_grad)
-            ranks = self.ranks
-            if step.microbatch_size is not None:
-                batches = ranks.pad_chunks(batches)
-            with ranks.isolated(self.params):
-                window = accumulate_window(batches, self.forward, self.precision.scale, self.trainable(), step.name,
-                                           ranks.window)
+        else:
+            if self.ranks is None:
+                window = accumulate_window(batches, self.forward, self.precision.scale, self.trainable(), step.name)
+            else:  # under torchrun: the window's sums are added over the ranks (fsdp: isolation by requires_grad)
+                ranks = self.ranks
+                if step.microbatch_size is not None:
+                    batches = ranks.pad_chunks(batches)
+                with ranks.isolated(self.params):
+                    window = accumulate_window(batches, self.forward, self.precision.scale, self.trainable(),
+                                               step.name, ranks.window)
             values = {self.key(name): value for name, value in window.items()}
             loss = total_of([Term(k, v) for k, v in values.items()])
         if not self.reached:
