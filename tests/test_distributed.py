@@ -482,7 +482,7 @@ def test_fsdp_dcp_checkpoint_loads_in_one_process_without_a_group(runs):
     path = checkpoint.latest(runs / "fsdp_uninterrupted" / "run" / "checkpoints")
     assert path.name == "ckpt-u000000008-e4.dcp" and not dist.is_initialized()
     state = checkpoint.load(path)  # read whole: every tensor full
-    final = result(runs, "fsdp_resume")  # the run's own end, gathered whole under torchrun
+    final = result(runs / "fsdp_uninterrupted", "fsdp_resume")  # the run's own end, gathered whole
     for k, v in state["models"]["model"].items():
         assert torch.equal(v, final["params"][f"m.{k}"]), k
     assert state["ranks"]["world_size"] == WORLD and state["loop"]["updates"] == 8
@@ -510,7 +510,7 @@ def test_fsdp_checkpoint_under_another_world_size_is_refused_unless_allowed(runs
     with pytest.warns(UserWarning, match="saved with world size 2 under world size 1"):
         trainer.fit(data, epochs=4, resume=path, world_size_change="allow")
     assert trainer.updates == 8
-    final = result(runs, "fsdp_resume")
+    final = result(runs / "fsdp_uninterrupted", "fsdp_resume")
     assert_same(final["params"], {"m": model})
 
 
@@ -546,9 +546,6 @@ def test_sharding_refuses_what_it_cannot_shard():
 def test_modes_and_arguments_are_checked():
     with pytest.raises(ValueError, match=r"`distributed` must be one of .*Received: distributed='ddp'"):
         check_mode("ddp")
-    with pytest.raises(ValueError, match=r"distributed='fsdp' .* is not available yet\. Received: distributed='fsdp'"):
-        Trainer(torch.nn.Linear(1, 1), [Step(lambda b: b, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))],
-                                                                          lr=0.1))], distributed="fsdp")
     with pytest.raises(ValueError, match=r"`world_size_change` must be one of .*Received: world_size_change='yes'"):
         check_world_size_change("yes")
     assert resolve("auto", torch.device("cpu")) is None  # not under torchrun: one process
@@ -556,6 +553,67 @@ def test_modes_and_arguments_are_checked():
     if "WORLD_SIZE" not in os.environ:
         with pytest.raises(ValueError, match=r"needs several processes, .*Received: distributed='replicate'"):
             resolve("replicate", torch.device("cpu"))
+        with pytest.raises(ValueError, match=r"distributed='fsdp' needs several processes, .*Received: "
+                                             r"distributed='fsdp'\. Launch the script with `torchrun"):
+            Trainer(torch.nn.Linear(1, 1), [Step(lambda b: b, torch.optim.SGD(torch.nn.Linear(1, 1).parameters(),
+                                                                              lr=0.1))], distributed="fsdp")
+
+
+@pytest.fixture
+def group_of_one():
+    """A process group of one (gloo, in this process): what fsdp mode shards over at world size 1."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_refuses_what_it_cannot_make_exact(group_of_one):
+    model = mlp(60)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"distributed='fsdp' cannot train the custom step 'gan'\. Received: "
+                                         r"Step\.custom\(\.\.\.\) named 'gan'\. .*use distributed='replicate'"):
+        Trainer(model, [Step.custom(lambda b, ctx: None, [opt], name="gan")], distributed="fsdp")
+    with pytest.raises(ValueError, match=r"cannot train compiled models\. Received: compile=True\. Pass compile=False"):
+        Trainer(model, [Step(mse_of(model), opt)], compile=True, distributed="fsdp")
+    with pytest.raises(ValueError, match=r"cannot train under float16 loss scaling\. Received: "
+                                         r"precision='16-mixed'\. .*use precision='bf16-mixed'"):
+        Trainer(model, [Step(mse_of(model), opt)], precision="16-mixed", distributed="fsdp")
+    scale = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+    with_free = torch.optim.SGD([*model.parameters(), scale], lr=0.1)
+    with pytest.raises(ValueError, match=r"cannot train tensors outside the models\. Received: an optimizer "
+                                         r"\(SGD\) that trains 1 tensor\(s\) of shape\(s\) \[\(1,\)\] in none of "
+                                         r"`models`\. Put them in a module"):
+        Trainer(model, [Step(mse_of(model), with_free)], distributed="fsdp")
+
+
+def mse_of(model):
+    return lambda b: F.mse_loss(model(b[0]), b[1])
+
+
+def test_fsdp_at_world_size_one_equals_one_process(group_of_one):
+    """fsdp in a group of one: sharding, rebinding, the sum form and the division, against a plain loop."""
+    model = mlp(61)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    trainer = Trainer(model, [Step(mse_of(model), opt, name="fit", accumulate=2, clip_grad_norm=0.1)],
+                      progress=False, distributed="fsdp")
+    assert type(model).__name__ == "FSDPSequential" and trainer.world_size == 1
+    trainer.fit(DataLoader(dataset(21, seed=62), batch_size=4), epochs=2)
+    ref = mlp(61)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    batches = list(DataLoader(dataset(21, seed=62), batch_size=4))
+    for _ in range(2):
+        for i in range(0, len(batches), 2):
+            window = batches[i:i + 2]
+            ref_opt.zero_grad()
+            (sum(sq_sum(ref, x, y) for x, y in window) / sum(len(x) for x, _ in window)).backward()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+            ref_opt.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-10, atol=1e-13, msg=name)
 
 
 def test_one_process_trainer_is_global_zero():

@@ -340,7 +340,7 @@ def save_sharded(state: dict[str, Any], path: str | Path) -> Path:
     atomically: a collective, called by every rank. Returns the folder (``path`` with the
     suffix ``.dcp``).
 
-    Every rank writes its slices of the ``DTensor``\ s (``torch.distributed.checkpoint``); rank 0
+    Every rank writes its slices of the sharded tensors (``torch.distributed.checkpoint``); rank 0
     writes the rest of ``state`` (``trainflow.pt``), then renames the temporary folder.
 
     Example (in one process, a group of one):
