@@ -9,7 +9,11 @@ Reported per model: milliseconds per update (median of the ranks' means for the 
 with the gradients sent in buckets during the window's last backward (overlap, the default) and
 all at once after it (``trainflow.distributed.OVERLAP = False``), and the milliseconds per update
 spent inside trainflow's blocking collectives (waiting for the buckets, the counts and loss sums,
-the one-flag stop agreement) and that share of the update.
+the one-flag stop agreement) and that share of the update. The ``fsdp`` row is
+``Trainer(..., distributed="fsdp")`` (each model sharded with ``fully_shard``): its gradients
+travel in FSDP2's reduce-scatter and its parameters in all-gathers, both inside the forward and
+backward, so its comm column counts trainflow's own collectives only (counts, loss sums, stop
+and non-finite agreement).
 
 Models:
 
@@ -23,6 +27,7 @@ communication is the figure to read.
 Run:
     python benchmarks/distributed.py                 # 30 warm-up + 200 timed updates per run
     python benchmarks/distributed.py --quick         # smoke run (2 + 5 updates, mlp only, overlap only)
+    python benchmarks/distributed.py --modes fsdp    # 1 process against fsdp only
 """
 
 from __future__ import annotations
@@ -107,7 +112,8 @@ def child(args: argparse.Namespace) -> None:
             self.marks.append((time.perf_counter(), comm[0]))
 
     clock = Clock()
-    trainer = Trainer(models, steps, callbacks=[clock], progress=False)
+    trainer = Trainer(models, steps, callbacks=[clock], progress=False,
+                      distributed=args.mode if world > 1 else "off")
     trainer.fit(data, max_updates=args.warmup + args.updates)
     (t0, c0), (t1, c1) = clock.marks[args.warmup - 1], clock.marks[-1]
     n = len(clock.marks) - args.warmup
@@ -116,12 +122,14 @@ def child(args: argparse.Namespace) -> None:
         json.dumps({"rank": rank, "ms": 1e3 * (t1 - t0) / n, "comm_ms": 1e3 * (c1 - c0) / n}))
 
 
-def launch(args: argparse.Namespace, model: str, nproc: int, overlap: bool = True) -> list[dict]:
+def launch(args: argparse.Namespace, model: str, nproc: int, overlap: bool = True,
+           mode: str = "replicate") -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     results = Path(tempfile.mkdtemp(prefix="trainflow-dist-bench-"))
     flags = ["--child", "--model", model, "--batch", str(args.batch), "--warmup", str(args.warmup),
-             "--updates", str(args.updates), "--results", str(results)] + ([] if overlap else ["--no-overlap"])
+             "--updates", str(args.updates), "--results", str(results), "--mode", mode] + (
+                 [] if overlap else ["--no-overlap"])
     if nproc == 1:
         cmd = [sys.executable, __file__, *flags]
     else:
@@ -143,6 +151,8 @@ def main() -> None:
     parser.add_argument("--results", help=argparse.SUPPRESS)
     parser.add_argument("--no-overlap", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=["mlp", "gan"], default="mlp")
+    parser.add_argument("--mode", choices=["replicate", "fsdp"], default="replicate", help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default="replicate,fsdp", help="the distributed modes to compare (comma-separated)")
     parser.add_argument("--models", default="mlp,gan", help="the models to compare (comma-separated)")
     parser.add_argument("--batch", type=int, default=256, help="the global batch (split over the ranks)")
     parser.add_argument("--warmup", type=int, default=30)
@@ -157,13 +167,17 @@ def main() -> None:
     print(f"global batch {args.batch}, {args.warmup} warm-up + {args.updates} timed updates, "
           f"1 torch thread per process, {os.cpu_count()} CPU(s)")
     print(f"{'model':<6} {'1 proc ms/upd':>14} {'2 procs':>16} {'ms/upd':>7} {'comm ms/upd':>12} {'comm share':>11}")
+    modes = args.modes.split(",")
     for model in args.models.split(","):
         one = launch(args, model, 1)[0]
-        for overlap in (True,) if args.quick else (True, False):
-            two = launch(args, model, 2, overlap)
+        runs = [] if "replicate" not in modes else [("replicate", True)] if args.quick else \
+            [("replicate", True), ("replicate", False)]
+        runs += [("fsdp", True)] if "fsdp" in modes else []
+        for mode, overlap in runs:
+            two = launch(args, model, 2, overlap, mode)
             ms = statistics.median(r["ms"] for r in two)
             comm = statistics.median(r["comm_ms"] for r in two)
-            label = "overlap" if overlap else "after backward"
+            label = "fsdp" if mode == "fsdp" else "overlap" if overlap else "after backward"
             print(f"{model:<6} {one['ms']:>14.3f} {label:>16} {ms:>7.3f} {comm:>12.3f} {comm / ms:>10.0%}")
 
 

@@ -26,7 +26,7 @@ from trainflow.distributed import check_mode, check_world_size_change, resolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from dist_setups import (  # noqa: E402
-    WORLD, d_loss_sum, dataset, g_loss_sum, gan, gan_data, mlp, sq_sum, token_loss, tokens,
+    WORLD, d_loss_sum, dataset, float32_data, float32_mlp, g_loss_sum, gan, gan_data, mlp, sq_sum, token_loss, tokens,
 )
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "dist_run.py"
@@ -392,6 +392,18 @@ def test_fsdp_a_nonfinite_loss_on_one_rank_makes_every_rank_skip(runs):
             opt.step()
     assert (r["updates"], r["skipped"]) == (6, 2)
     assert_same(r["params"], {"m": model})
+
+
+def test_fsdp_float32_reduce_scatter_is_a_plain_sum_on_gloo(runs):
+    r = result(runs, "fsdp_float32")  # gloo has no pre-multiplied sum: FSDP2 is set to ReduceOp.SUM
+    model = float32_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in global_batches(float32_data(), 2):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(r["params"][f"m.{k}"], p.detach(), rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_fsdp_refuses_a_stepped_optimizer_and_two_normalisers_on_every_rank(runs):

@@ -14,7 +14,8 @@ old parameters): that is refused with an error saying to build the Trainer first
 
 **Gradients** are computed as in replicate mode, in *sum form* (a mean loss times the rank's
 sample count, an ``Average``'s total), but the ranks' sum travels in FSDP2's own reduce-scatter
-(set to sum, not average: ``set_gradient_divide_factor(1.0)``), each rank receiving the sum of
+(set to a plain sum, not an average: ``set_gradient_divide_factor(1.0)`` with
+``set_force_sum_reduction_for_comms(True)``), each rank receiving the sum of
 its slice; gradient sync is off for every chunk of a window but the last
 (``set_requires_gradient_sync``), so a window costs one reduce-scatter per model. Each
 normaliser's count and the logged loss sums travel in one small all-reduce, and the gradients
@@ -132,7 +133,9 @@ class Sharded(Replicate):
         for model in models.values():
             before = dict(model.named_parameters())
             fully_shard(model)
-            model.set_gradient_divide_factor(1.0)  # the ranks' sum, divided later by the global counts
+            # the ranks' plain sum (ReduceOp.SUM, which gloo has too), divided later by the global counts
+            model.set_gradient_divide_factor(1.0)
+            model.set_force_sum_reduction_for_comms(True)
             for name, param in model.named_parameters():
                 by_id[id(before[name])] = param
             self.models.append(model)
@@ -178,7 +181,7 @@ class Sharded(Replicate):
 
     def pad_chunks(self, chunks: list[Any]) -> list[Any]:
         """Micro-batches of every rank, padded with empty chunks to the same count on every rank."""
-        count = torch.tensor([float(len(chunks))], dtype=torch.float64)
+        count = torch.tensor([float(len(chunks))], dtype=torch.float64, device=self.wire)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         return chunks + [_empty_like(chunks[0])] * (int(count.item()) - len(chunks))
 

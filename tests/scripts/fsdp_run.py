@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
-from dist_setups import dataset, gan, gan_data, mlp  # noqa: E402
+from dist_setups import dataset, float32_data, float32_mlp, gan, gan_data, mlp  # noqa: E402
 from kill_run import digest, final_state  # noqa: E402
 
 from trainflow import Average, Step, Trainer, param_groups  # noqa: E402
@@ -121,6 +121,15 @@ def fsdp_nonfinite(out: Path) -> None:
     record(out, "fsdp_nonfinite", trainer, {"m": model})
 
 
+def fsdp_float32(out: Path) -> None:
+    """float32 parameters: FSDP2 would reduce them with a pre-multiplied sum, which gloo lacks."""
+    model = float32_mlp()
+    trainer = Trainer(model, [Step(mse(model), torch.optim.SGD(model.parameters(), lr=0.1), name="fit")],
+                      progress=False, distributed="fsdp")
+    trainer.fit(DataLoader(float32_data(), batch_size=2), epochs=1)
+    record(out, "fsdp_float32", trainer, {"m": model})
+
+
 def fsdp_refused(out: Path) -> None:
     """The errors raised under torchrun: an optimizer that has stepped; two normalisers in one window."""
     model = mlp(48)
@@ -147,7 +156,7 @@ def fsdp_refused(out: Path) -> None:
     torch.save(errors, out / f"fsdp_refused.rank{dist.get_rank()}.pt")
 
 
-SCENARIOS = [fsdp_gan, fsdp_accum, fsdp_partial, fsdp_nonfinite, fsdp_refused]
+SCENARIOS = [fsdp_gan, fsdp_accum, fsdp_partial, fsdp_nonfinite, fsdp_float32, fsdp_refused]
 
 
 def local(obj):
