@@ -350,6 +350,8 @@ def test_fsdp_accumulate_uneven_windows_micro_batches_and_groups_by_name(runs):
             opt.step()
     assert_same(r["params"], {"m": model})
     assert r["updates"] == 4
+    x, y = dataset(9, seed=3).tensors  # validation runs every rank's share, the empty one too
+    assert r["logs"]["val/loss"] == pytest.approx(F.mse_loss(model(x), y).item(), rel=1e-6)
 
 
 def test_fsdp_partial_ownership_clipping_on_the_global_norm_and_an_empty_rank(runs):
@@ -600,6 +602,14 @@ def test_fsdp_refuses_what_it_cannot_make_exact(group_of_one):
                                          r"\(SGD\) that trains 1 tensor\(s\) of shape\(s\) \[\(1,\)\] in none of "
                                          r"`models`\. Put them in a module"):
         Trainer(model, [Step(mse_of(model), with_free)], distributed="fsdp")
+    from trainflow.callbacks import SampleGrid
+
+    G, D = gan(63)
+    grid = SampleGrid(G, torch.zeros(4, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"cannot run the callback SampleGrid, which calls model 'G' \(its "
+                                         r"`generator`\) on rank 0 only .*Received: callbacks=\[SampleGrid\(\.\.\.\)\]"):
+        Trainer({"G": G, "D": D}, [Step(lambda b: D(G(b)).mean(), torch.optim.SGD(G.parameters(), lr=0.1))],
+                callbacks=[grid], distributed="fsdp")
 
 
 def mse_of(model):

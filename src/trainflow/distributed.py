@@ -222,6 +222,9 @@ class Replicate:
         each backward differentiates into the step's own parameters)."""
         return nullcontext()
 
+    def release(self) -> None:
+        """After forwards without a backward (validation; fsdp frees the gathered parameters here)."""
+
     def pad_chunks(self, chunks: list[Any]) -> list[Any]:
         """A window's micro-batches (fsdp pads them to the same count on every rank)."""
         return chunks

@@ -38,6 +38,7 @@ norm of every rank's slices), and the non-finite decision is taken by every rank
 
 **Refused** (a ``ValueError`` when the trainer is built, or at the first window for a loss):
 custom steps (``Step.custom``: its ``ctx.backward`` differentiates into chosen parameters),
+callbacks that call a model on rank 0 only (``SampleGrid``: a sharded forward is a collective),
 tensors trained outside the models, ``compile=True``, ``precision="16-mixed"`` (its loss scaler
 would unscale sharded gradients rank by rank), and a window with several normalisers (a mean
 and an ``Average``), whose separate gradient buffers FSDP2 does not reduce.
@@ -111,6 +112,26 @@ class Sharded(Replicate):
                 "precision='bf16-mixed' (no loss scaling) or '32', or distributed='replicate'.",
             )
 
+    def check_callbacks(self, callbacks: Sequence[Any], models: Mapping[str, nn.Module]) -> None:
+        """A callback that runs on rank 0 only (``rank_zero_only``) must not call a sharded model:
+        its forward gathers the parameters from every rank, which would wait for the others forever."""
+        for cb in callbacks:
+            if not getattr(cb, "rank_zero_only", False):
+                continue
+            for attr, value in vars(cb).items():
+                if not isinstance(value, nn.Module):
+                    continue
+                for name, model in models.items():
+                    if any(value is sub for sub in model.modules()):
+                        raise ValueError(
+                            f"Trainer: distributed='fsdp' cannot run the callback {type(cb).__name__}, which calls "
+                            f"model {name!r} (its `{attr}`) on rank 0 only (rank_zero_only), while a sharded "
+                            "model's forward is a collective of every rank. Received: "
+                            f"callbacks=[{type(cb).__name__}(...)]. Use distributed='replicate', or call the model "
+                            "in a callback of your own that runs on every rank and writes under "
+                            "`if trainer.is_global_zero:`."
+                        )
+
     def shard_models(self, models: Mapping[str, nn.Module], steps: Sequence[Any]) -> None:
         """Give every rank rank 0's weights, ``fully_shard`` each model in place (summing, not
         averaging, its reduce-scatter) and rebind the steps' optimizers to the sharded parameters."""
@@ -173,11 +194,14 @@ class Sharded(Replicate):
         finally:
             for p in off:
                 p.requires_grad_(True)
-            # a model whose forward ran without a backward (the other model of a GAN step) is left
-            # gathered, its gathered parameters not requiring gradients: free them, so that the next
-            # forward gathers them afresh, with requires_grad as it is then
-            for model in self.models:
-                model.reshard()
+            self.release()
+
+    def release(self) -> None:
+        """Free every model's gathered parameters. A model whose forward ran without a backward
+        (the other model of a GAN step, validation) is left gathered, its gathered parameters not
+        requiring gradients: the next forward then gathers them afresh, with requires_grad as it is then."""
+        for model in self.models:
+            model.reshard()
 
     def pad_chunks(self, chunks: list[Any]) -> list[Any]:
         """Micro-batches of every rank, padded with empty chunks to the same count on every rank."""

@@ -128,6 +128,8 @@ class Trainer:
         self.precision = Precision(precision, self.device)
         self.metrics = Metrics(metrics)
         self.events = Events(callbacks, rank_zero=self.is_global_zero)
+        if self._ranks is not None and self._ranks.shards:  # fsdp: no sharded model called on rank 0 alone
+            self._ranks.check_callbacks(self.events.callbacks, self.models)
         if not isinstance(progress, bool):
             raise TypeError(
                 f"Trainer: `progress` must be True or False. Received: progress={progress!r}. "
@@ -469,14 +471,16 @@ class Trainer:
             data = ranks.shard(data)
         with self._models.mode(training=False), torch.inference_mode(), self.precision.autocast():
             for batch in data:
-                if ranks is not None and empty(batch):
-                    continue  # this rank's share of a short last batch: nothing to add
+                vacant = ranks is not None and empty(batch)  # this rank's share of a short last batch
+                if vacant and not ranks.shards:
+                    continue  # nothing to add (fsdp runs it still: a sharded model's forward is a collective)
                 batch = move(batch, self.device)
                 out = step(batch)
-                if out is not None:
+                if out is not None and not vacant:
                     _add_val_losses(sums, parse_loss(out, "validation"), batch)
             if ranks is not None:
                 ranks.sum_values(sums)
+                ranks.release()  # fsdp: free the gathered parameters, so that training gathers them afresh
         logs = {f"val/{name}": (total / count).item() for name, (total, count) in sums.items()}
         logs.update(self.metrics.collect("val"))
         return logs

@@ -88,12 +88,14 @@ def fsdp_gan(out: Path) -> None:
 def fsdp_accum(out: Path) -> None:
     """accumulate=2 over 21 samples (global batches 8, 8, 5: an uneven last window) in micro-batches
     of 2 (the last batch: 2 chunks on rank 0, 1 on rank 1), SGD with momentum on parameter groups
-    chosen by name (another lr for the last layer)."""
+    chosen by name (another lr for the last layer); validation after each epoch."""
     model = mlp(42)
     opt = torch.optim.SGD(param_groups(model, {"0.*": {}, "2.*": {"lr": 0.05}}), lr=0.1, momentum=0.9)
     step = Step(mse(model), opt, name="fit", accumulate=2, microbatch_size=2)
     trainer = Trainer(model, [step], progress=False, distributed="fsdp")
-    trainer.fit(DataLoader(dataset(21, seed=43), batch_size=4), epochs=2)
+    val = DataLoader(dataset(9, seed=3), batch_size=4)  # global batches of 8 and 1: rank 1's second is empty
+    trainer.fit(DataLoader(dataset(21, seed=43), batch_size=4), epochs=2, val_data=val,
+                val_step=lambda b: F.mse_loss(model(b[0]), b[1]))
     record(out, "fsdp_accum", trainer, {"m": model})
 
 
