@@ -41,7 +41,7 @@ check; exit status 1 when one fails.
 Run:
     python benchmarks/distributed.py                 # 30 warm-up + 200 timed updates per run
     python benchmarks/distributed.py --cuda          # the CUDA checks (about a minute)
-    python benchmarks/distributed.py --quick         # smoke run (2 + 5 updates, mlp only, overlap only)
+    python benchmarks/distributed.py --quick         # smoke run (2 + 5 updates, mlp, replicate with overlap)
     python benchmarks/distributed.py --modes fsdp    # 1 process against fsdp only
 """
 
@@ -281,7 +281,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="the global batch (split over the ranks)")
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--updates", type=int, default=200)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 + 5 updates, mlp only, overlap only")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 + 5 updates, mlp only, replicate with overlap only")
     parser.add_argument("--cuda", action="store_true",
                         help="the checks for a CUDA machine: NCCL at one rank against one process, a DCP round trip")
     parser.add_argument("--device", default=None, help="with --cuda: cuda or cpu (default: cuda when available)")
@@ -299,8 +299,8 @@ def main() -> None:
     if args.cuda:
         cuda_checks(args)
         return
-    if args.quick:
-        args.warmup, args.updates, args.models = 2, 5, "mlp"
+    if args.quick:  # the fsdp path is the trainer's, run by the test suite's torchrun scenarios
+        args.warmup, args.updates, args.models, args.modes = 2, 5, "mlp", "replicate"
     print(f"global batch {args.batch}, {args.warmup} warm-up + {args.updates} timed updates, "
           f"1 torch thread per process, {os.cpu_count()} CPU(s)")
     print(f"{'model':<6} {'1 proc ms/upd':>14} {'2 procs':>16} {'ms/upd':>7} {'comm ms/upd':>12} {'comm share':>11}")
