@@ -1,4 +1,4 @@
-"""Training under ``torchrun``: join the process group, start every rank alike, sum the gradients.
+"""Training under ``torchrun``: join the process group, start every rank alike, sum the gradients (or shard).
 
 The same script runs in one process or under ``torchrun --nproc-per-node N``; with
 ``Trainer(..., distributed="auto")`` (the default) it joins the process group that ``torchrun``
@@ -23,6 +23,13 @@ Nothing is wrapped in ``DistributedDataParallel``: a trainflow loss calls the us
 a step that owns part of a model differentiates into its own parameters only; summing exactly
 those parameters' gradients keeps isolation (``D x3 / G x1``, partial ownership) as it is in
 one process.
+
+**fsdp** (``Trainer(..., distributed="fsdp")``) shards each model with FSDP2's ``fully_shard``
+instead of keeping a copy on every rank: the same sum form and division by the global counts,
+the gradients summed by FSDP2's reduce-scatter, isolation by ``requires_grad``, clipping on the
+global norm, checkpoints through ``torch.distributed.checkpoint``. It is
+:class:`trainflow.fsdp.Sharded`, a :class:`Replicate` whose gradient methods differ; what it
+refuses, and why, is in :mod:`trainflow.fsdp`.
 
 ``Replicate.sum_`` and friends are the collectives the trainer, the update path and the
 checkpoint callback call; :func:`resolve` picks the mode.

@@ -64,11 +64,16 @@ class Trainer:
             per epoch (a :class:`~trainflow.callbacks.ProgressBar`, unless ``callbacks`` holds
             one already). Never in a pipe, a log file or a test. ``progress=False`` turns it off.
         distributed: ``"auto"`` (``"replicate"`` under ``torchrun``, one process otherwise),
-            ``"replicate"`` or ``"off"`` (see :mod:`trainflow.distributed`). Under ``torchrun``
-            the trainer joins the process group, every rank starts from rank 0's weights, each
-            step's gradients are summed over the ranks, plain DataLoaders are sharded
-            (:mod:`trainflow.data.sharding`), and the writing callbacks run on rank 0 only
-            (``trainer.is_global_zero``). ``state_dict()`` is then a collective: call it on every rank.
+            ``"replicate"``, ``"fsdp"`` or ``"off"`` (see :mod:`trainflow.distributed`). Under
+            ``torchrun`` the trainer joins the process group, every rank starts from rank 0's
+            weights, each step's gradients are summed over the ranks, plain DataLoaders are
+            sharded (:mod:`trainflow.data.sharding`), and the writing callbacks run on rank 0
+            only (``trainer.is_global_zero``). ``state_dict()`` is then a collective: call it on
+            every rank. ``"fsdp"`` shards each model in place with ``fully_shard`` and rebinds
+            the optimizers (built before the Trainer, not stepped yet) to the sharded
+            parameters; its checkpoints are DCP folders; custom steps, several normalisers in
+            one window, tensors trained outside the models, ``compile=True`` and
+            ``"16-mixed"`` are refused (see :mod:`trainflow.fsdp`).
 
     Counters: ``trainer.epoch`` (completed epochs) and ``trainer.updates`` (optimizer updates
     of all steps); ``trainer.max_epochs`` / ``trainer.max_updates`` are the current ``fit``'s
