@@ -482,8 +482,12 @@ def test_fsdp_dcp_checkpoint_sigkill_of_one_rank_then_resume_is_bit_identical(re
     assert sorted(p.name for p in checkpoint.latest(folder).iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp", "trainflow.pt"]
     assert [e["file"] for e in checkpoint.read_index(folder)] == ["ckpt-u000000004-e2.dcp", "ckpt-u000000005-e2.dcp"]
+    left = folder / ".ckpt-u000000006-e2.dcp.x1y2.tmp"  # what a kill during a save leaves
+    left.mkdir()
+    (left / "__0_0.distcp").write_bytes(b"partial")
     done = torchrun("fsdp-resume", str(killed))
     assert done.returncode == 0, done.stdout[-6000:]
+    assert not left.exists()  # removed by rank 0 when fit starts
     for rank in range(WORLD):  # each rank's slices and the rest of its state, SHA-256, as never interrupted
         expected = (resumed / "fsdp_uninterrupted" / f"resume.digest.rank{rank}").read_text()
         assert expected.split()[1] == "8"
@@ -610,6 +614,34 @@ def test_fsdp_refuses_what_it_cannot_make_exact(group_of_one):
                                          r"`generator`\) on rank 0 only .*Received: callbacks=\[SampleGrid\(\.\.\.\)\]"):
         Trainer({"G": G, "D": D}, [Step(lambda b: D(G(b)).mean(), torch.optim.SGD(G.parameters(), lr=0.1))],
                 callbacks=[grid], distributed="fsdp")
+
+
+def test_a_dcp_checkpoint_that_is_damaged_or_would_run_code_is_refused(group_of_one, tmp_path):
+    import pickle
+
+    import torch.distributed as dist
+
+    model = mlp(64)
+    trainer = Trainer(model, [Step(mse_of(model), torch.optim.Adam(model.parameters(), lr=0.1), name="fit")],
+                      progress=False, distributed="fsdp")
+    trainer.fit([dataset(4, seed=65).tensors], epochs=1)
+    folder = checkpoint.save_sharded(trainer.state_dict(), checkpoint.path_for(tmp_path, 1))
+    assert checkpoint.load(folder)["loop"]["updates"] == 1
+    dist.barrier()
+    for damage, error, message in [
+        (lambda f: (f / "__0_0.distcp").write_bytes(b"torn"), ValueError, r"is truncated or corrupt and cannot be read"),
+        (lambda f: (f / ".metadata").unlink(), ValueError,
+         r"is truncated or corrupt .*a sharded checkpoint folder without 'trainflow\.pt' or '\.metadata'"),
+        (lambda f: (f / ".metadata").write_bytes(pickle.dumps(__import__("collections").Counter("ab"))), ValueError,
+         r"was refused: its '\.metadata' would build objects other than torch\.distributed\.checkpoint's metadata "
+         r"\(WeightsUnpickler error: Unsupported global: collections\.Counter\)"),
+        (lambda f: (f / ".metadata").write_bytes(b"\x80\x04"), ValueError, r"is truncated or corrupt .*'\.metadata'"),
+    ]:
+        copy = tmp_path / f"copy-{len(list(tmp_path.iterdir()))}.dcp"
+        __import__("shutil").copytree(folder, copy)
+        damage(copy)
+        with pytest.raises(error, match=message):
+            checkpoint.load(copy)
 
 
 def mse_of(model):

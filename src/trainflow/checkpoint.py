@@ -415,6 +415,7 @@ _METADATA_CLASSES = {("torch", "Size"), ("collections", "OrderedDict"), ("torch.
 def _load_sharded(path: Path) -> dict[str, Any]:
     """A sharded checkpoint's folder read whole: the rest of the state with every tensor put back, full."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     if not (path / REST).is_file() or not (path / ".metadata").is_file():
         raise _corrupt(path, f"a sharded checkpoint folder without {REST!r} or '.metadata'")
@@ -436,7 +437,7 @@ def _load_sharded(path: Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # reading in one process is the intent here
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             dcp.load(template, storage_reader=dcp.FileSystemReader(path), no_dist=True)
-    except Exception as error:  # a missing or damaged shard
+    except (Exception, CheckpointException) as error:  # a missing or damaged shard
         detail = str(error).splitlines()[0][:200] if str(error) else "no detail"
         raise _corrupt(path, f"{type(error).__name__}: {detail}") from None
     state = saved["state"]

@@ -292,10 +292,7 @@ class ShardedModels:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        problems = self.mismatch(state)
-        if problems:
-            raise ValueError("The state does not fit these models: " + "; ".join(problems) + ".")
-        for name, model in self.models.by_name.items():
+        for name, model in self.models.by_name.items():  # checked already (RunState asks mismatch first)
             full = not is_sharded_state(state[name])
             set_model_state_dict(model, dict(state[name]), options=StateDictOptions(full_state_dict=full))
 
