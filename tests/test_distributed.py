@@ -636,6 +636,8 @@ def test_a_dcp_checkpoint_that_is_damaged_or_would_run_code_is_refused(group_of_
          r"was refused: its '\.metadata' would build objects other than torch\.distributed\.checkpoint's metadata "
          r"\(WeightsUnpickler error: Unsupported global: collections\.Counter\)"),
         (lambda f: (f / ".metadata").write_bytes(b"\x80\x04"), ValueError, r"is truncated or corrupt .*'\.metadata'"),
+        (lambda f: (f / ".metadata").write_bytes(pickle.dumps(__import__("collections").OrderedDict())), ValueError,
+         r"is truncated or corrupt .*'\.metadata' lists items other than tensors"),
     ]:
         copy = tmp_path / f"copy-{len(list(tmp_path.iterdir()))}.dcp"
         __import__("shutil").copytree(folder, copy)

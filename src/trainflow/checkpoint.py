@@ -431,8 +431,10 @@ def _load_sharded(path: Path) -> dict[str, Any]:
         ) from None
     except (EOFError, OSError, AttributeError, ImportError) as error:
         raise _corrupt(path, f"'.metadata': {type(error).__name__}: {error}") from None
-    template = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-                for key, meta in metadata.state_dict_metadata.items()}
+    items = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(items, dict) or not all(hasattr(m, "size") and hasattr(m, "properties") for m in items.values()):
+        raise _corrupt(path, "'.metadata' lists items other than tensors, which trainflow never writes")
+    template = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in items.items()}
     try:
         with warnings.catch_warnings():  # reading in one process is the intent here
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
