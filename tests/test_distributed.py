@@ -3,7 +3,8 @@
 One torchrun launch runs every scenario of tests/scripts/dist_run.py (a launch costs seconds, a
 scenario a fraction of one); each test then compares rank 0's final weights (and gradients,
 counters, logs) with a hand-written one-process PyTorch loop on the combined batches, float64,
-rtol 1e-10, and checks that every rank ends with the same. Each launch runs under a timeout in
+rtol 1e-10, and checks that every rank ends with the same; the ``distributed="fsdp"`` scenarios
+(tests/scripts/fsdp_run.py) run in the same launch, their sharded weights gathered whole. Each launch runs under a timeout in
 its own process group, so a rank left waiting in a collective fails the test instead of hanging it.
 """
 
