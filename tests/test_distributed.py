@@ -3,7 +3,8 @@
 One torchrun launch runs every scenario of tests/scripts/dist_run.py (a launch costs seconds, a
 scenario a fraction of one); each test then compares rank 0's final weights (and gradients,
 counters, logs) with a hand-written one-process PyTorch loop on the combined batches, float64,
-rtol 1e-10, and checks that every rank ends with the same. Each launch runs under a timeout in
+rtol 1e-10, and checks that every rank ends with the same; the ``distributed="fsdp"`` scenarios
+(tests/scripts/fsdp_run.py) run in the same launch, their sharded weights gathered whole. Each launch runs under a timeout in
 its own process group, so a rank left waiting in a collective fails the test instead of hanging it.
 """
 
@@ -26,7 +27,7 @@ from trainflow.distributed import check_mode, check_world_size_change, resolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from dist_setups import (  # noqa: E402
-    WORLD, d_loss_sum, dataset, g_loss_sum, gan, gan_data, mlp, sq_sum, token_loss, tokens,
+    WORLD, d_loss_sum, dataset, float32_data, float32_mlp, g_loss_sum, gan, gan_data, mlp, sq_sum, token_loss, tokens,
 )
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "dist_run.py"
@@ -313,6 +314,114 @@ def test_a_stop_on_one_rank_stops_every_rank(runs):
     assert (r["updates"], r["stop_reason"]) == (3, "requested")
 
 
+# ---------------------------------------------------------------- fsdp, exact against one process
+
+
+def test_fsdp_gan_d3_g1_two_sharded_models_two_adams_with_isolation(runs):
+    r = result(runs, "fsdp_gan")
+    G, D = gan(40)
+    d_opt = torch.optim.Adam(D.parameters(), lr=0.01)
+    g_opt = torch.optim.Adam(G.parameters(), lr=0.02)
+    batches = list(global_batches(gan_data(24, seed=41), 4))
+    for who, i in [("D", 0), ("D", 1), ("D", 2), ("G", 2)] * 2 + [("D", 0)]:
+        real, z, _ = batches[i]
+        if who == "D":
+            d_opt.zero_grad()
+            (d_loss_sum(G, D, real, z) / len(real)).backward(inputs=list(D.parameters()))
+            d_opt.step()
+        else:
+            g_opt.zero_grad()
+            (g_loss_sum(G, D, z) / len(z)).backward(inputs=list(G.parameters()))
+            g_opt.step()
+    assert_same(r["params"], {"G": G, "D": D})
+    assert_same(r["grads"], {"G": G, "D": D}, grads=True)  # non-owned gradients untouched
+
+
+def test_fsdp_accumulate_uneven_windows_micro_batches_and_groups_by_name(runs):
+    r = result(runs, "fsdp_accum")
+    model = mlp(42)
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.05}],
+                          lr=0.1, momentum=0.9)
+    batches = list(global_batches(dataset(21, seed=43), 4))
+    assert [len(b[0]) for b in batches] == [8, 8, 5]  # the last: 3 rows (2 micro-batches) and 2 (1)
+    for _ in range(2):
+        for window in (batches[:2], batches[2:]):
+            opt.zero_grad()
+            (sum(sq_sum(model, x, y) for x, y in window) / sum(len(x) for x, _ in window)).backward()
+            opt.step()
+    assert_same(r["params"], {"m": model})
+    assert r["updates"] == 4
+    x, y = dataset(9, seed=3).tensors  # validation runs every rank's share, the empty one too
+    assert r["logs"]["val/loss"] == pytest.approx(F.mse_loss(model(x), y).item(), rel=1e-6)
+
+
+def test_fsdp_partial_ownership_clipping_on_the_global_norm_and_an_empty_rank(runs):
+    r = result(runs, "fsdp_partial")
+    model = mlp(44)
+    body = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    head = torch.optim.SGD(model[2].parameters(), lr=0.2)
+    steps = [(body, list(model[0].parameters()), 2, 0.05), (head, list(model[2].parameters()), 1, None)]
+    batches = list(global_batches(dataset(17, seed=45), 2))
+    assert [len(b[0]) for b in batches] == [4, 4, 4, 4, 1]  # rank 1's share of the last one is empty
+    current, clipped = 0, []
+    for _ in range(2):
+        i = 0
+        while i < len(batches):
+            opt, params, accumulate, clip = steps[current]
+            window = batches[i:i + accumulate]
+            i += len(window)
+            opt.zero_grad()
+            (sum(sq_sum(model, x, y) for x, y in window) / sum(len(x) for x, _ in window)).backward(inputs=params)
+            if clip is not None:
+                clipped.append(torch.nn.utils.clip_grad_norm_(params, clip).item() > clip)
+            opt.step()
+            current = 1 - current
+    assert all(clipped)  # every body update was clipped: the global norm decides
+    assert_same(r["params"], {"m": model})
+    assert_same(r["grads"], {"m": model}, grads=True)
+
+
+def test_fsdp_a_nonfinite_loss_on_one_rank_makes_every_rank_skip(runs):
+    r = result(runs, "fsdp_nonfinite")
+    model = mlp(46)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = list(global_batches(dataset(17, seed=47, nan_at=9), 4))  # the NaN: batch 1, a row of rank 1's
+    for _ in range(2):
+        for i, (x, y) in enumerate(batches):
+            if i == 1:
+                continue
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+    assert (r["updates"], r["skipped"]) == (6, 2)
+    assert_same(r["params"], {"m": model})
+
+
+def test_fsdp_float32_reduce_scatter_is_a_plain_sum_on_gloo(runs):
+    r = result(runs, "fsdp_float32")  # gloo has no pre-multiplied sum: FSDP2 is set to ReduceOp.SUM
+    model = float32_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in global_batches(float32_data(), 2):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(r["params"][f"m.{k}"], p.detach(), rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_fsdp_refuses_a_stepped_optimizer_and_two_normalisers_on_every_rank(runs):
+    r0, r1 = (torch.load(runs / f"fsdp_refused.rank{r}.pt", weights_only=True) for r in range(WORLD))
+    assert r0 == r1
+    assert r0["stepped"].startswith(
+        "Trainer: distributed='fsdp' shards the models, so the optimizers are rebound to the sharded parameters; "
+        "Adam optimizer #0 has stepped already (it holds state for 4 parameter(s)")
+    assert "Received: an optimizer with state. Build the Trainer before stepping the optimizers" in r0["stepped"]
+    assert r0["normalisers"].startswith(
+        "Step 'two': under distributed='fsdp' a loss must have one normaliser, but its terms are normalised by 2: "
+        "[\"Average 'sum'\", 'samples']. Received:")
+    assert "use distributed='replicate'" in r0["normalisers"]
+
+
 # ---------------------------------------------------------------- resume
 
 
@@ -343,17 +452,85 @@ def test_world_size_change_is_refused_unless_allowed(runs):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.slow
-def test_sigkill_of_one_rank_mid_window_then_resume_is_bit_identical(runs):
+@pytest.fixture(scope="module")
+def resumed(runs) -> Path:
+    """The killed replicate run resumed under torchrun; the same launch then runs the fsdp run whose
+    rank 1 dies by SIGKILL mid-window (into runs/fsdp_killed), which ends it."""
     killed = runs / "killed"  # the scenarios' launch ended there: rank 1 killed in update 6's second chunk
     assert not (killed / "resume.digest").exists()
     newest = checkpoint.latest(killed / "run" / "checkpoints")
     assert newest is not None and newest.name == "ckpt-u000000005-e2.pt"  # mid-epoch 3
-    resumed = torchrun("resume", str(killed))
-    assert resumed.returncode == 0, resumed.stdout[-6000:]
-    expected = (runs / "uninterrupted" / "resume.digest").read_text()  # the same run, never interrupted
+    done = torchrun("resume", str(killed), "--then-fsdp-killed", str(runs / "fsdp_killed"))
+    assert (killed / "resume.digest").exists(), done.stdout[-6000:]
+    assert done.returncode != 0 and "Signal 9 (SIGKILL) received by PID" in done.stdout, done.stdout[-6000:]
+    return runs
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_rank_mid_window_then_resume_is_bit_identical(resumed):
+    expected = (resumed / "uninterrupted" / "resume.digest").read_text()  # the same run, never interrupted
     assert expected.split()[1] == "8"
-    assert (killed / "resume.digest").read_text() == expected
+    assert (resumed / "killed" / "resume.digest").read_text() == expected
+
+
+@pytest.mark.slow
+def test_fsdp_dcp_checkpoint_sigkill_of_one_rank_then_resume_is_bit_identical(resumed):
+    killed = resumed / "fsdp_killed"
+    folder = killed / "run" / "checkpoints"
+    assert not list(killed.glob("resume.digest.*"))
+    # every rank wrote its shard into one folder per checkpoint; nothing temporary is left as a checkpoint
+    assert [p.name for p in checkpoint.checkpoints(folder)] == ["ckpt-u000000004-e2.dcp", "ckpt-u000000005-e2.dcp"]
+    assert sorted(p.name for p in checkpoint.latest(folder).iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "trainflow.pt"]
+    assert [e["file"] for e in checkpoint.read_index(folder)] == ["ckpt-u000000004-e2.dcp", "ckpt-u000000005-e2.dcp"]
+    left = folder / ".ckpt-u000000006-e2.dcp.x1y2.tmp"  # what a kill during a save leaves
+    left.mkdir()
+    (left / "__0_0.distcp").write_bytes(b"partial")
+    done = torchrun("fsdp-resume", str(killed))
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert not left.exists()  # removed by rank 0 when fit starts
+    for rank in range(WORLD):  # each rank's slices and the rest of its state, SHA-256, as never interrupted
+        expected = (resumed / "fsdp_uninterrupted" / f"resume.digest.rank{rank}").read_text()
+        assert expected.split()[1] == "8"
+        assert (killed / f"resume.digest.rank{rank}").read_text() == expected
+
+
+def test_fsdp_dcp_checkpoint_loads_in_one_process_without_a_group(runs):
+    import torch.distributed as dist
+
+    path = checkpoint.latest(runs / "fsdp_uninterrupted" / "run" / "checkpoints")
+    assert path.name == "ckpt-u000000008-e4.dcp" and not dist.is_initialized()
+    state = checkpoint.load(path)  # read whole: every tensor full
+    final = result(runs / "fsdp_uninterrupted", "fsdp_resume")  # the run's own end, gathered whole
+    for k, v in state["models"]["model"].items():
+        assert torch.equal(v, final["params"][f"m.{k}"]), k
+    assert state["ranks"]["world_size"] == WORLD and state["loop"]["updates"] == 8
+    model = mlp(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.load_state_dict(state["models"]["model"])
+    opt.load_state_dict(state["optimizers"]["fit"])  # torch's own layout: a plain optimizer takes it
+    assert int(opt.state_dict()["state"][0]["step"]) == 8
+
+
+@pytest.mark.filterwarnings("ignore:The state holds callback state")
+def test_fsdp_checkpoint_under_another_world_size_is_refused_unless_allowed(runs):
+    """The 2-rank fsdp run's checkpoint at update 7 (mid-epoch 4), resumed in one process: refused;
+    allowed, it continues exactly up to rounding to the 2-rank run's end."""
+    path = checkpoint.checkpoints(runs / "fsdp_uninterrupted" / "run" / "checkpoints")[0]
+    assert path.name == "ckpt-u000000007-e3.dcp"
+    model = mlp(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    trainer = Trainer(model, [Step(lambda b: F.mse_loss(model(b[0]), b[1]), opt, name="fit", accumulate=2)],
+                      progress=False)
+    data = DataLoader(dataset(27, seed=52), batch_size=8, shuffle=True)
+    with pytest.raises(ValueError, match=r"saved by a run of world size 2, this run has world size 1\. "
+                                         r"Received: world_size=1 .*world_size_change='allow'"):
+        trainer.fit(data, epochs=4, resume=path)
+    with pytest.warns(UserWarning, match="saved with world size 2 under world size 1"):
+        trainer.fit(data, epochs=4, resume=path, world_size_change="allow")
+    assert trainer.updates == 8
+    final = result(runs / "fsdp_uninterrupted", "fsdp_resume")
+    assert_same(final["params"], {"m": model})
 
 
 # ---------------------------------------------------------------- in one process
@@ -388,9 +565,6 @@ def test_sharding_refuses_what_it_cannot_shard():
 def test_modes_and_arguments_are_checked():
     with pytest.raises(ValueError, match=r"`distributed` must be one of .*Received: distributed='ddp'"):
         check_mode("ddp")
-    with pytest.raises(ValueError, match=r"distributed='fsdp' .* is not available yet\. Received: distributed='fsdp'"):
-        Trainer(torch.nn.Linear(1, 1), [Step(lambda b: b, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))],
-                                                                          lr=0.1))], distributed="fsdp")
     with pytest.raises(ValueError, match=r"`world_size_change` must be one of .*Received: world_size_change='yes'"):
         check_world_size_change("yes")
     assert resolve("auto", torch.device("cpu")) is None  # not under torchrun: one process
@@ -398,6 +572,105 @@ def test_modes_and_arguments_are_checked():
     if "WORLD_SIZE" not in os.environ:
         with pytest.raises(ValueError, match=r"needs several processes, .*Received: distributed='replicate'"):
             resolve("replicate", torch.device("cpu"))
+        with pytest.raises(ValueError, match=r"distributed='fsdp' needs several processes, .*Received: "
+                                             r"distributed='fsdp'\. Launch the script with `torchrun"):
+            Trainer(torch.nn.Linear(1, 1), [Step(lambda b: b, torch.optim.SGD(torch.nn.Linear(1, 1).parameters(),
+                                                                              lr=0.1))], distributed="fsdp")
+
+
+@pytest.fixture
+def group_of_one():
+    """A process group of one (gloo, in this process): what fsdp mode shards over at world size 1."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_refuses_what_it_cannot_make_exact(group_of_one):
+    model = mlp(60)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"distributed='fsdp' cannot train the custom step 'gan'\. Received: "
+                                         r"Step\.custom\(\.\.\.\) named 'gan'\. .*use distributed='replicate'"):
+        Trainer(model, [Step.custom(lambda b, ctx: None, [opt], name="gan")], distributed="fsdp")
+    with pytest.raises(ValueError, match=r"cannot train compiled models\. Received: compile=True\. Pass compile=False"):
+        Trainer(model, [Step(mse_of(model), opt)], compile=True, distributed="fsdp")
+    with pytest.raises(ValueError, match=r"cannot train under float16 loss scaling\. Received: "
+                                         r"precision='16-mixed'\. .*use precision='bf16-mixed'"):
+        Trainer(model, [Step(mse_of(model), opt)], precision="16-mixed", distributed="fsdp")
+    scale = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+    with_free = torch.optim.SGD([*model.parameters(), scale], lr=0.1)
+    with pytest.raises(ValueError, match=r"cannot train tensors outside the models\. Received: an optimizer "
+                                         r"\(SGD\) that trains 1 tensor\(s\) of shape\(s\) \[\(1,\)\] in none of "
+                                         r"`models`\. Put them in a module"):
+        Trainer(model, [Step(mse_of(model), with_free)], distributed="fsdp")
+    from trainflow.callbacks import SampleGrid
+
+    G, D = gan(63)
+    grid = SampleGrid(G, torch.zeros(4, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"cannot run the callback SampleGrid, which calls model 'G' \(its "
+                                         r"`generator`\) on rank 0 only .*Received: callbacks=\[SampleGrid\(\.\.\.\)\]"):
+        Trainer({"G": G, "D": D}, [Step(lambda b: D(G(b)).mean(), torch.optim.SGD(G.parameters(), lr=0.1))],
+                callbacks=[grid], distributed="fsdp")
+
+
+def test_a_dcp_checkpoint_that_is_damaged_or_would_run_code_is_refused(group_of_one, tmp_path):
+    import pickle
+
+    import torch.distributed as dist
+
+    model = mlp(64)
+    trainer = Trainer(model, [Step(mse_of(model), torch.optim.Adam(model.parameters(), lr=0.1), name="fit")],
+                      progress=False, distributed="fsdp")
+    trainer.fit([dataset(4, seed=65).tensors], epochs=1)
+    folder = checkpoint.save_sharded(trainer.state_dict(), checkpoint.path_for(tmp_path, 1))
+    assert checkpoint.load(folder)["loop"]["updates"] == 1
+    dist.barrier()
+    for damage, error, message in [
+        (lambda f: (f / "__0_0.distcp").write_bytes(b"torn"), ValueError, r"is truncated or corrupt and cannot be read"),
+        (lambda f: (f / ".metadata").unlink(), ValueError,
+         r"is truncated or corrupt .*a sharded checkpoint folder without 'trainflow\.pt' or '\.metadata'"),
+        (lambda f: (f / ".metadata").write_bytes(pickle.dumps(__import__("collections").Counter("ab"))), ValueError,
+         r"was refused: its '\.metadata' would build objects other than torch\.distributed\.checkpoint's metadata "
+         r"\(WeightsUnpickler error: Unsupported global: collections\.Counter\)"),
+        (lambda f: (f / ".metadata").write_bytes(b"\x80\x04"), ValueError, r"is truncated or corrupt .*'\.metadata'"),
+        (lambda f: (f / ".metadata").write_bytes(pickle.dumps(__import__("collections").OrderedDict())), ValueError,
+         r"is truncated or corrupt .*'\.metadata' lists items other than tensors"),
+    ]:
+        copy = tmp_path / f"copy-{len(list(tmp_path.iterdir()))}.dcp"
+        __import__("shutil").copytree(folder, copy)
+        damage(copy)
+        with pytest.raises(error, match=message):
+            checkpoint.load(copy)
+
+
+def mse_of(model):
+    return lambda b: F.mse_loss(model(b[0]), b[1])
+
+
+def test_fsdp_at_world_size_one_equals_one_process(group_of_one):
+    """fsdp in a group of one: sharding, rebinding, the sum form and the division, against a plain loop."""
+    model = mlp(61)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    trainer = Trainer(model, [Step(mse_of(model), opt, name="fit", accumulate=2, clip_grad_norm=0.1)],
+                      progress=False, distributed="fsdp")
+    assert type(model).__name__ == "FSDPSequential" and trainer.world_size == 1
+    trainer.fit(DataLoader(dataset(21, seed=62), batch_size=4), epochs=2)
+    ref = mlp(61)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    batches = list(DataLoader(dataset(21, seed=62), batch_size=4))
+    for _ in range(2):
+        for i in range(0, len(batches), 2):
+            window = batches[i:i + 2]
+            ref_opt.zero_grad()
+            (sum(sq_sum(ref, x, y) for x, y in window) / sum(len(x) for x, _ in window)).backward()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+            ref_opt.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-10, atol=1e-13, msg=name)
 
 
 def test_one_process_trainer_is_global_zero():

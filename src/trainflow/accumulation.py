@@ -15,7 +15,6 @@ plain loop bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -59,7 +58,8 @@ def accumulate_window(
     ``reduce(params, counts, buffers, sums)`` (distributed training,
     :meth:`trainflow.distributed.Replicate.window`) sums the window's sum-form gradients,
     counts and loss sums over the ranks before the one division, and returns the global
-    counts. A chunk without samples (a rank's share of a short last batch) then adds nothing.
+    counts. A chunk without samples (a rank's share of a short last batch) then adds nothing
+    (under fsdp it is still run, its forward and backward being collectives).
 
     Example:
         >>> import torch
@@ -78,10 +78,12 @@ def accumulate_window(
     counts: dict[str, Any] = {}
     layout: dict[str, str] | None = None
     buffers: dict[str, list[torch.Tensor | None]] = {}
-    last = max((i for i, c in enumerate(chunks) if reduce is None or not empty(c)), default=-1)
-    overlapping = getattr(reduce, "__self__", None)  # the ranks' collectives (distributed training)
+    ranks = getattr(reduce, "__self__", None)  # the ranks' collectives (distributed training)
+    runs_empty = ranks is not None and ranks.shards  # fsdp: every rank runs every chunk (collective forwards)
+    last = max((i for i, c in enumerate(chunks) if runs_empty or reduce is None or not empty(c)), default=-1)
     for i, chunk in enumerate(chunks):
-        if reduce is not None and empty(chunk):
+        vacant = reduce is not None and empty(chunk)
+        if vacant and not runs_empty:
             continue
         terms = forward(chunk)
         groups, group_of = _sums(terms, chunk, step)
@@ -93,19 +95,31 @@ def accumulate_window(
                 f"({sorted(layout)} then {sorted(group_of)}). Return the same names, each always a "
                 "mean or always an Average."
             )
-        for term in terms:
-            n = groups[group_of[term.name]][1]
-            total = term.value.detach() * n if term.total is None else term.total.detach()
-            term_sums[term.name] = total if term.name not in term_sums else term_sums[term.name] + total
+        if not vacant:
+            for term in terms:
+                n = groups[group_of[term.name]][1]
+                total = term.value.detach() * n if term.total is None else term.total.detach()
+                term_sums[term.name] = total if term.name not in term_sums else term_sums[term.name] + total
         for group, (_, count) in groups.items():
-            counts[group] = count if group not in counts else counts[group] + count
+            if vacant:
+                counts.setdefault(group, 0)
+            else:
+                counts[group] = count if group not in counts else counts[group] + count
         if len(groups) == 1:
             ((total, _),) = groups.values()
-            # the window's last backward: under torchrun its gradients are sent as they are made
-            with overlapping.overlapping(params) if overlapping is not None and i == last else nullcontext():
+            if ranks is None:
                 scale(total).backward(inputs=params)
+            else:  # the window's last backward: under torchrun its gradients are sent as they are made
+                ranks.backward(scale(total), params, i == last)
+        elif runs_empty:
+            from trainflow.fsdp import several_normalisers
+
+            raise several_normalisers(step, groups)
         else:
             _into_buffers(groups, params, buffers, scale)
+    if runs_empty:  # the terms of a rank whose every chunk was empty: zero sums
+        for term in terms:
+            term_sums.setdefault(term.name, torch.zeros((), dtype=term.value.dtype, device=term.value.device))
     if layout is None:  # no sample on this rank: its terms, so that it adds zeros to the same sums
         layout = _empty_window(forward(chunks[0]), chunks[0], step, term_sums, counts, buffers, len(params))
     if reduce is not None:

@@ -12,6 +12,19 @@ Loading: the archive's CRC-32 of every member (written by ``torch.save``) is ver
 a flipped bit anywhere in a tensor is refused, not loaded; then ``torch.load(...,
 weights_only=True)``: a file that would need to run pickled code to load is refused, never
 executed. Errors name the file and say what is wrong with it.
+
+Sharded checkpoints (``distributed="fsdp"``): :func:`save_sharded` writes a folder
+``ckpt-u<updates>-e<epoch>.dcp`` through ``torch.distributed.checkpoint`` (DCP): every rank
+writes the slices of the sharded tensors it holds (``__<rank>_0.distcp``, with DCP's
+``.metadata``), and rank 0 writes the rest of the state (loop, data position, every rank's
+random generators, schedules, metrics, the tensors that are not sharded) as a
+:func:`save` file ``trainflow.pt`` inside it. The folder is built under a temporary name and
+renamed by rank 0 once every rank's part and the rest are complete and fsynced, so a kill at
+any moment leaves the newest complete checkpoint loadable. :func:`load` reads such a folder
+whole (every tensor full, in one process, without a process group): a ``Trainer`` in one
+process loads it as it loads a file (``world_size_change="allow"``), and an fsdp ``Trainer``
+keeps each rank's slice of it. DCP's ``.metadata`` is a pickle: it is checked to hold nothing
+but DCP's own metadata classes before DCP reads it.
 """
 
 from __future__ import annotations
@@ -23,20 +36,24 @@ import pickle
 import shutil
 import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "INDEX", "latest", "load", "path_for", "read_index", "save"]
+__all__ = ["FORMAT", "INDEX", "latest", "load", "path_for", "read_index", "remove", "save", "save_sharded"]
 
 #: the marker and version of trainflow's checkpoint layout
 FORMAT = "trainflow-checkpoint-1"
 #: the file in a checkpoint folder that lists its checkpoints (written by the ``Checkpoint`` callback)
 INDEX = "index.json"
 INDEX_FORMAT = "trainflow-checkpoint-index-1"
-_NAME = re.compile(r"^ckpt-u(\d{9})(?:-e(\d+))?\.pt$")
+_NAME = re.compile(r"^ckpt-u(\d{9})(?:-e(\d+))?\.(?:pt|dcp)$")
+#: the suffix of a sharded checkpoint's folder, and the file in it that holds the rest of the state
+SHARDED = ".dcp"
+REST = "trainflow.pt"
 
 
 def path_for(directory: str | Path, updates: int, epoch: int | None = None) -> Path:
@@ -51,7 +68,7 @@ def path_for(directory: str | Path, updates: int, epoch: int | None = None) -> P
 
 
 def checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoint files in ``directory``, oldest first."""
+    """Complete checkpoints in ``directory`` (files, and sharded checkpoints' folders), oldest first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -247,6 +264,9 @@ def _verify_crc(path: Path) -> None:
 def load(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save`, without ever running pickled code.
 
+    A sharded checkpoint's folder (:func:`save_sharded`) is read whole, every tensor full, in
+    this process alone (no process group is needed).
+
     Example:
         >>> import tempfile, torch
         >>> p = save({"step": 3, "w": torch.zeros(2)}, path_for(tempfile.mkdtemp(), 3))
@@ -254,6 +274,8 @@ def load(path: str | Path) -> dict[str, Any]:
         3
     """
     path = Path(path)
+    if path.is_dir() and path.suffix == SHARDED:
+        return _load_sharded(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"Checkpoint not found. Received: path={str(path)!r}. "
@@ -280,3 +302,148 @@ def load(path: str | Path) -> dict[str, Any]:
             f"{' with keys ' + str(sorted(obj)[:8]) if isinstance(obj, dict) else ''}."
         )
     return obj["state"]
+
+
+def remove(path: str | Path) -> None:
+    """Delete a checkpoint: a file, or a sharded checkpoint's folder (nothing if it is gone).
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = save({"w": torch.ones(1)}, path_for(tempfile.mkdtemp(), 1))
+        >>> remove(p); p.exists()
+        False
+    """
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _sharded_leaves(state: Any, at: tuple = ()) -> Any:
+    """``state`` with every ``DTensor`` replaced by None, and the paths of those tensors."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, DTensor):
+        return None, [list(at)]
+    if isinstance(state, dict):
+        out, paths = {}, []
+        for k, v in state.items():
+            out[k], found = _sharded_leaves(v, (*at, k))
+            paths += found
+        return out, paths
+    return state, []
+
+
+def save_sharded(state: dict[str, Any], path: str | Path) -> Path:
+    """Write a state holding sharded tensors (``distributed="fsdp"``) as a DCP checkpoint folder,
+    atomically: a collective, called by every rank. Returns the folder (``path`` with the
+    suffix ``.dcp``).
+
+    Every rank writes its slices of the sharded tensors (``torch.distributed.checkpoint``); rank 0
+    writes the rest of ``state`` (``trainflow.pt``), then renames the temporary folder.
+
+    Example (in one process, a group of one):
+        >>> import tempfile, torch, torch.distributed as dist
+        >>> from torch.distributed.tensor import distribute_tensor, init_device_mesh
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> w = distribute_tensor(torch.arange(4.0), init_device_mesh("cpu", (1,)))
+        >>> folder = save_sharded({"models": {"m": {"w": w}}, "loop": {"updates": 3}},
+        ...                       path_for(tempfile.mkdtemp(), 3))
+        >>> dist.destroy_process_group()
+        >>> folder.name, load(folder)["models"]["m"]["w"].tolist(), load(folder)["loop"]
+        ('ckpt-u000000003.dcp', [0.0, 1.0, 2.0, 3.0], {'updates': 3})
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path).with_suffix(SHARDED)
+    rest, paths = _sharded_leaves(state)
+    tensors = {str(i): _at(state, p) for i, p in enumerate(paths)}
+    rank = dist.get_rank()
+    name = [None]
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        name = [tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)]
+        os.chmod(name[0], 0o755)  # mkdtemp makes 0700; a checkpoint is an ordinary folder
+    dist.broadcast_object_list(name, src=0)
+    tmp = Path(name[0])
+    try:
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+        if rank == 0:
+            save({"sharded": paths, "state": rest}, tmp / REST)
+            _fsync_dir(tmp)
+            if path.exists():  # a save at the same point: the new one replaces it
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+                os.replace(path, old / path.name)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+            _fsync_dir(path.parent)
+    except BaseException as error:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if _disk_full(error, path.parent):
+                raise _no_space(path, error) from error
+        raise
+    dist.barrier()  # every rank goes on once the checkpoint has its name
+    return path
+
+
+def _at(state: Any, keys: list) -> Any:
+    for k in keys:
+        state = state[k]
+    return state
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` pickle, allowed to build DCP's metadata classes and nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint.") or (module, name) in _METADATA_CLASSES or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"WeightsUnpickler error: Unsupported global: {module}.{name}")
+
+
+_METADATA_CLASSES = {("torch", "Size"), ("collections", "OrderedDict"), ("torch.serialization", "_get_layout"),
+                     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "Path")}
+
+
+def _load_sharded(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint's folder read whole: the rest of the state with every tensor put back, full."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if not (path / REST).is_file() or not (path / ".metadata").is_file():
+        raise _corrupt(path, f"a sharded checkpoint folder without {REST!r} or '.metadata'")
+    saved = load(path / REST)
+    try:
+        with open(path / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"Checkpoint {str(path)!r} was refused: its '.metadata' would build objects other than "
+            f"torch.distributed.checkpoint's metadata ({_unpickler_reason(error)}). trainflow never loads such "
+            "files; re-create the checkpoint with trainflow."
+        ) from None
+    except (EOFError, OSError, AttributeError, ImportError) as error:
+        raise _corrupt(path, f"'.metadata': {type(error).__name__}: {error}") from None
+    items = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(items, dict) or not all(hasattr(m, "size") and hasattr(m, "properties") for m in items.values()):
+        raise _corrupt(path, "'.metadata' lists items other than tensors, which trainflow never writes")
+    template = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in items.items()}
+    try:
+        with warnings.catch_warnings():  # reading in one process is the intent here
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(template, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+    except (Exception, CheckpointException) as error:  # a missing or damaged shard
+        detail = str(error).splitlines()[0][:200] if str(error) else "no detail"
+        raise _corrupt(path, f"{type(error).__name__}: {detail}") from None
+    state = saved["state"]
+    for i, keys in enumerate(saved["sharded"]):
+        parent = _at(state, keys[:-1])
+        parent[keys[-1]] = template[str(i)]
+    return state

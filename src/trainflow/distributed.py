@@ -1,4 +1,4 @@
-"""Training under ``torchrun``: join the process group, start every rank alike, sum the gradients.
+"""Training under ``torchrun``: join the process group, start every rank alike, sum the gradients (or shard).
 
 The same script runs in one process or under ``torchrun --nproc-per-node N``; with
 ``Trainer(..., distributed="auto")`` (the default) it joins the process group that ``torchrun``
@@ -24,6 +24,13 @@ a step that owns part of a model differentiates into its own parameters only; su
 those parameters' gradients keeps isolation (``D x3 / G x1``, partial ownership) as it is in
 one process.
 
+**fsdp** (``Trainer(..., distributed="fsdp")``) shards each model with FSDP2's ``fully_shard``
+instead of keeping a copy on every rank: the same sum form and division by the global counts,
+the gradients summed by FSDP2's reduce-scatter, isolation by ``requires_grad``, clipping on the
+global norm, checkpoints through ``torch.distributed.checkpoint``. It is
+:class:`trainflow.fsdp.Sharded`, a :class:`Replicate` whose gradient methods differ; what it
+refuses, and why, is in :mod:`trainflow.fsdp`.
+
 ``Replicate.sum_`` and friends are the collectives the trainer, the update path and the
 checkpoint callback call; :func:`resolve` picks the mode.
 """
@@ -33,7 +40,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -84,13 +91,7 @@ def check_mode(mode: Any) -> str:
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(
             f"Trainer: `distributed` must be one of {MODES}. Received: distributed={mode!r}. Use 'auto' "
-            "(replicate under torchrun, one process otherwise), 'replicate', or 'off'."
-        )
-    if mode == "fsdp":
-        raise ValueError(
-            "Trainer: distributed='fsdp' (sharding the models with fully_shard) is not available yet. "
-            "Received: distributed='fsdp'. Use distributed='replicate' (every rank holds the whole model), "
-            "or 'auto'."
+            "(replicate under torchrun, one process otherwise), 'replicate', 'fsdp' (shard the models), or 'off'."
         )
     return mode
 
@@ -111,11 +112,12 @@ def local_device(device: Any) -> Any:
 
 
 def resolve(mode: Any, device: torch.device) -> Replicate | None:
-    """The collectives of ``Trainer(..., distributed=mode)``: a :class:`Replicate`, or None for one process.
+    """The collectives of ``Trainer(..., distributed=mode)``: a :class:`Replicate` (for "fsdp"
+    its subclass :class:`trainflow.fsdp.Sharded`), or None for one process.
 
     "auto" is "replicate" under ``torchrun`` (``WORLD_SIZE`` > 1, or a process group already
-    initialised), one process otherwise; "replicate" needs ``torchrun`` (any world size: at
-    ``--nproc-per-node 1`` it runs the distributed path alone) or an initialised group.
+    initialised), one process otherwise; "replicate" and "fsdp" need ``torchrun`` (any world
+    size: at ``--nproc-per-node 1`` they run the distributed path alone) or an initialised group.
 
     Example:
         >>> import torch
@@ -129,11 +131,15 @@ def resolve(mode: Any, device: torch.device) -> Replicate | None:
         return None
     if not (_torchrun() or _joined()):
         raise ValueError(
-            "Trainer: distributed='replicate' needs several processes, but this one was not started by "
+            f"Trainer: distributed={mode!r} needs several processes, but this one was not started by "
             "torchrun (LOCAL_RANK and WORLD_SIZE are unset) and no process group is initialised. Received: "
-            "distributed='replicate'. Launch the script with `torchrun --nproc-per-node 2 script.py`, or "
+            f"distributed={mode!r}. Launch the script with `torchrun --nproc-per-node 2 script.py`, or "
             "pass distributed='auto' to run in one process when not launched."
         )
+    if mode == "fsdp":
+        from trainflow.fsdp import Sharded
+
+        return Sharded(device)
     return Replicate(device)
 
 
@@ -156,6 +162,9 @@ class Replicate:
         ([1.0, 1.0], 1, True)
         >>> dist.destroy_process_group()
     """
+
+    #: whether the models are sharded (fsdp: :class:`trainflow.fsdp.Sharded`)
+    shards = False
 
     def __init__(self, device: torch.device) -> None:
         if not _joined():
@@ -214,6 +223,23 @@ class Replicate:
             self.broadcast_(tensors)
 
     # ------------------------------------------------------------------ gradients
+
+    def isolated(self, owned: Sequence[torch.Tensor]) -> Any:
+        """Around a step's window (fsdp switches off the other parameters' gradients; here nothing:
+        each backward differentiates into the step's own parameters)."""
+        return nullcontext()
+
+    def release(self) -> None:
+        """After forwards without a backward (validation; fsdp frees the gathered parameters here)."""
+
+    def pad_chunks(self, chunks: list[Any]) -> list[Any]:
+        """A window's micro-batches (fsdp pads them to the same count on every rank)."""
+        return chunks
+
+    def backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor], last: bool) -> None:
+        """One chunk's backward into ``params``; the window's ``last`` sends its buckets as they are made."""
+        with self.overlapping(params) if last else nullcontext():
+            loss.backward(inputs=params)
 
     @contextmanager
     def overlapping(self, params: Sequence[torch.Tensor]) -> Iterator[None]:

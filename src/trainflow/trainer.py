@@ -64,11 +64,16 @@ class Trainer:
             per epoch (a :class:`~trainflow.callbacks.ProgressBar`, unless ``callbacks`` holds
             one already). Never in a pipe, a log file or a test. ``progress=False`` turns it off.
         distributed: ``"auto"`` (``"replicate"`` under ``torchrun``, one process otherwise),
-            ``"replicate"`` or ``"off"`` (see :mod:`trainflow.distributed`). Under ``torchrun``
-            the trainer joins the process group, every rank starts from rank 0's weights, each
-            step's gradients are summed over the ranks, plain DataLoaders are sharded
-            (:mod:`trainflow.data.sharding`), and the writing callbacks run on rank 0 only
-            (``trainer.is_global_zero``). ``state_dict()`` is then a collective: call it on every rank.
+            ``"replicate"``, ``"fsdp"`` or ``"off"`` (see :mod:`trainflow.distributed`). Under
+            ``torchrun`` the trainer joins the process group, every rank starts from rank 0's
+            weights, each step's gradients are summed over the ranks, plain DataLoaders are
+            sharded (:mod:`trainflow.data.sharding`), and the writing callbacks run on rank 0
+            only (``trainer.is_global_zero``). ``state_dict()`` is then a collective: call it on
+            every rank. ``"fsdp"`` shards each model in place with ``fully_shard`` and rebinds
+            the optimizers (built before the Trainer, not stepped yet) to the sharded
+            parameters; its checkpoints are DCP folders; custom steps, several normalisers in
+            one window, tensors trained outside the models, ``compile=True`` and
+            ``"16-mixed"`` are refused (see :mod:`trainflow.fsdp`).
 
     Counters: ``trainer.epoch`` (completed epochs) and ``trainer.updates`` (optimizer updates
     of all steps); ``trainer.max_epochs`` / ``trainer.max_updates`` are the current ``fit``'s
@@ -118,12 +123,18 @@ class Trainer:
         self.flow = steps if isinstance(steps, Flow) else Flow(list(steps) if not isinstance(steps, Step) else steps)
         self.device = pick_device(local_device(device))
         self._ranks = resolve(distributed, self.device)  # None: one process
+        if self._ranks is not None and self._ranks.shards:  # fsdp: refused features first
+            self._ranks.check(self.flow.steps, precision, compile)
         self._models = Models(models, self.device, compile)
         self.models = self._models.by_name
+        if self._ranks is not None and self._ranks.shards:  # fully_shard in place; optimizers rebound
+            self._ranks.shard_models(self.models, self.flow.steps)
         self.model_tree = self._models.tree  # the models as given (for naming parameters)
         self.precision = Precision(precision, self.device)
         self.metrics = Metrics(metrics)
         self.events = Events(callbacks, rank_zero=self.is_global_zero)
+        if self._ranks is not None and self._ranks.shards:  # fsdp: no sharded model called on rank 0 alone
+            self._ranks.check_callbacks(self.events.callbacks, self.models)
         if not isinstance(progress, bool):
             raise TypeError(
                 f"Trainer: `progress` must be True or False. Received: progress={progress!r}. "
@@ -165,6 +176,12 @@ class Trainer:
         self.stop_reason: str | None = None
         self._stop_loaded = False  # the stop came with a loaded state: the next fit keeps it
         self._rank_state = None if self._ranks is None else RankState(self._ranks)
+        self._state_parts = {"models": self._models, "optimizers": self._optimizers}
+        if self._ranks is not None and self._ranks.shards:  # fsdp: the sharded state of both
+            from trainflow.fsdp import ShardedModels, ShardedOptimizers
+
+            self._state_parts = {"models": ShardedModels(self._models),
+                                 "optimizers": ShardedOptimizers(self._optimizers, self.models)}
 
     @property
     def is_global_zero(self) -> bool:
@@ -459,14 +476,16 @@ class Trainer:
             data = ranks.shard(data)
         with self._models.mode(training=False), torch.inference_mode(), self.precision.autocast():
             for batch in data:
-                if ranks is not None and empty(batch):
-                    continue  # this rank's share of a short last batch: nothing to add
+                vacant = ranks is not None and empty(batch)  # this rank's share of a short last batch
+                if vacant and not ranks.shards:
+                    continue  # nothing to add (fsdp runs it still: a sharded model's forward is a collective)
                 batch = move(batch, self.device)
                 out = step(batch)
-                if out is not None:
+                if out is not None and not vacant:
                     _add_val_losses(sums, parse_loss(out, "validation"), batch)
             if ranks is not None:
                 ranks.sum_values(sums)
+                ranks.release()  # fsdp: free the gathered parameters, so that training gathers them afresh
         logs = {f"val/{name}": (total / count).item() for name, (total, count) in sums.items()}
         logs.update(self.metrics.collect("val"))
         return logs
@@ -478,8 +497,7 @@ class Trainer:
         torchrun also "ranks": the world size and every rank's generators."""
         return RunState({
             "flow": self.flow,
-            "models": self._models,
-            "optimizers": self._optimizers,
+            **self._state_parts,  # "models", "optimizers"
             "schedulers": self._schedules,
             "params": self._free_params,
             "precision": self.precision,

@@ -193,8 +193,15 @@ class StepRunner:
                 loss, values = total_of(terms), self.values(terms)
             self.backward(loss)
         else:
-            reduce = None if self.ranks is None else self.ranks.window
-            window = accumulate_window(batches, self.forward, self.precision.scale, self.trainable(), step.name, reduce)
+            if self.ranks is None:
+                window = accumulate_window(batches, self.forward, self.precision.scale, self.trainable(), step.name)
+            else:  # under torchrun: the window's sums are added over the ranks (fsdp: isolation by requires_grad)
+                ranks = self.ranks
+                if step.microbatch_size is not None:
+                    batches = ranks.pad_chunks(batches)
+                with ranks.isolated(self.params):
+                    window = accumulate_window(batches, self.forward, self.precision.scale, self.trainable(),
+                                               step.name, ranks.window)
             values = {self.key(name): value for name, value in window.items()}
             loss = total_of([Term(k, v) for k, v in values.items()])
         if not self.reached:
@@ -298,9 +305,15 @@ class StepRunner:
         """Whether the losses and the gradients of ``params`` are all finite (one read of one flag)."""
         flags = [torch.isfinite(loss).all() for loss in losses]
         grads = [p.grad for p in params if p.grad is not None]
+        sharded = self.ranks is not None and self.ranks.shards
+        if sharded:  # fsdp: this rank's slices of the gradients (DTensor)
+            grads = [g.to_local() for g in grads]
         if grads and self.precision.scaler is None:  # under float16 the loss scaler handles overflow
             flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
-        return bool(torch.stack(flags).all()) if flags else True
+        finite = bool(torch.stack(flags).all()) if flags else True
+        if sharded:  # any rank's NaN is every rank's
+            finite = not self.ranks.any(not finite)[0]
+        return finite
 
     # ---------------------------------------------------------------- applying the gradients
 

@@ -12,6 +12,11 @@ fraction of one), each a real ``Trainer`` under torchrun on gloo, and writes
 logs. The test compares rank 0's with a one-process hand-written loop on the combined batches
 and checks that every rank holds the same.
 
+The ``distributed="fsdp"`` scenarios of tests/scripts/fsdp_run.py run in the same launch, with
+the uninterrupted fsdp ``resume`` run (into ``OUT/fsdp_uninterrupted``). ``resume ...
+--then-fsdp-killed DIR`` ends with the fsdp run into DIR whose rank 1 is killed the same way;
+``fsdp-resume DIR`` resumes it.
+
 ``resume`` trains a shuffled, accumulating run with a checkpoint after every update into
 ``OUT/run`` (``resume="latest"``), and writes ``OUT/resume.digest`` (rank 0): the SHA-256 of the
 final state. With ``--kill-call C``, rank 1 kills itself with SIGKILL inside its C-th loss call
@@ -38,6 +43,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_setups import dataset, gan, gan_data, mlp, tokens  # noqa: E402
 from kill_run import digest, final_state  # noqa: E402
+
+import fsdp_run  # noqa: E402
 
 import trainflow.distributed  # noqa: E402
 from trainflow import Average, Step, Trainer  # noqa: E402
@@ -269,23 +276,30 @@ def resume_run(out: Path, kill_call: int | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["scenarios", "resume"])
+    parser.add_argument("mode", choices=["scenarios", "resume", "fsdp-resume"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--kill-call", type=int, default=None)
+    parser.add_argument("--then-fsdp-killed", type=Path, default=None)
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)  # here, not at import: the suite imports this file for doctests
     trainflow.distributed.BUCKET_BYTES = 64  # tiny models, many buckets: their order across ranks is tested
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mode == "scenarios":
-        for scenario in SCENARIOS:
+        for scenario in SCENARIOS + fsdp_run.SCENARIOS:
             scenario(args.out)
         resume_run(args.out / "uninterrupted", None)  # what the SIGKILL test's resumed run must end as
+        fsdp_run.resume_run(args.out / "fsdp_uninterrupted", None)  # and the fsdp one's
         if dist.get_rank() == 0:
             (args.out / "scenarios.done").write_text("ok\n")
         dist.barrier()
         resume_run(args.out / "killed", 12)  # rank 1 dies by SIGKILL in update 6's second chunk
-    else:
+    elif args.mode == "resume":
         resume_run(args.out, args.kill_call)
+        if args.then_fsdp_killed is not None:  # the fsdp run whose rank 1 dies mid-window ends this launch
+            dist.barrier()
+            fsdp_run.resume_run(args.then_fsdp_killed, 12)
+    else:
+        fsdp_run.resume_run(args.out, args.kill_call)
     dist.destroy_process_group()
 
 

@@ -51,6 +51,16 @@ def gan(seed: int) -> tuple[nn.Module, nn.Module]:
             nn.Linear(3, 1, dtype=f64))
 
 
+def float32_mlp() -> nn.Module:
+    torch.manual_seed(53)
+    return nn.Sequential(nn.Linear(3, 4, dtype=torch.float32), nn.Tanh(), nn.Linear(4, 1, dtype=torch.float32))
+
+
+def float32_data() -> TensorDataset:
+    """12 float32 samples (the other scenarios are float64)."""
+    return TensorDataset(*(t.float() for t in dataset(12, seed=54).tensors))
+
+
 def sq_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (model(x) - y).pow(2).sum()
 

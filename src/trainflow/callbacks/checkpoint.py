@@ -14,6 +14,7 @@ from typing import Any
 from trainflow import checkpoint
 from trainflow.callbacks._args import optional_path, output_path, positive_int
 from trainflow.events import Every
+from trainflow.fsdp import is_sharded_state
 
 __all__ = ["Checkpoint"]
 
@@ -27,7 +28,9 @@ class Checkpoint:
 
     Each save is a :func:`trainflow.checkpoint.save`: complete and durable before it takes a
     checkpoint's name, so the newest checkpoint in the folder always loads, whenever the
-    process dies. Files are named ``ckpt-u<updates>-e<epochs completed>.pt`` and
+    process dies. Files are named ``ckpt-u<updates>-e<epochs completed>.pt`` (under
+    ``distributed="fsdp"``: folders ``ckpt-u<updates>-e<epochs>.dcp`` that every rank writes
+    its shards into, :func:`trainflow.checkpoint.save_sharded`) and
     ``fit(..., resume="latest")`` continues from the newest one, bit-identical (CPU) to a run
     that was never interrupted.
 
@@ -213,10 +216,14 @@ class Checkpoint:
                 self._write_index()
             return
         state = trainer.state_dict()  # under torchrun a collective: every rank takes part, rank 0 writes
+        path = checkpoint.path_for(self._folder, *point)
+        if is_sharded_state(state):  # distributed="fsdp": every rank writes its shards (a collective)
+            path = checkpoint.save_sharded(state, path)
         if not getattr(trainer, "is_global_zero", True):
             self._saved_at = point
             return
-        path = checkpoint.save(state, checkpoint.path_for(self._folder, *point))
+        if path.suffix != checkpoint.SHARDED:
+            path = checkpoint.save(state, path)
         self._saved_at = point
         record = {
             "file": path.name,
@@ -235,7 +242,7 @@ class Checkpoint:
         self.records = [r for r in self.records if r["file"] in kept]
         self._write_index()
         for r in dropped:  # only now: the new checkpoint and the index are complete
-            (self._folder / r["file"]).unlink(missing_ok=True)
+            checkpoint.remove(self._folder / r["file"])
 
     def _files_at(self, updates: int) -> list[str]:
         """Checkpoint files at ``updates`` (an earlier save at the same update, under another epoch)."""
@@ -334,8 +341,9 @@ def _parse(name: str) -> tuple[int, int | None]:
 
 
 def _remove_temporary_files(folder: Path) -> None:
-    """Delete what a process killed mid-save left: ``.ckpt-*.tmp`` and ``.index.json.*.tmp``."""
+    """Delete what a process killed mid-save left: ``.ckpt-*.tmp`` (files, or sharded checkpoints'
+    folders) and ``.index.json.*.tmp``."""
     for path in folder.iterdir():
         name = path.name
         if name.endswith(".tmp") and (name.startswith(".ckpt-u") or name.startswith(f".{INDEX}.")):
-            path.unlink(missing_ok=True)
+            checkpoint.remove(path)
