@@ -607,6 +607,19 @@ def test_fsdp_refuses_what_it_cannot_make_exact(group_of_one):
                                          r"\(SGD\) that trains 1 tensor\(s\) of shape\(s\) \[\(1,\)\] in none of "
                                          r"`models`\. Put them in a module"):
         Trainer(model, [Step(mse_of(model), with_free)], distributed="fsdp")
+    shared = torch.nn.Linear(2, 2, dtype=torch.float64)
+    two = {"a": torch.nn.Sequential(shared, torch.nn.Linear(2, 1, dtype=torch.float64)),
+           "b": torch.nn.Sequential(shared, torch.nn.Linear(2, 1, dtype=torch.float64))}
+    with pytest.raises(ValueError, match=r"cannot train a parameter held by two models\. Received: models 'a' and "
+                                         r"'b' share a parameter of shape \(2, 2\)\. .*pass the module they share as "
+                                         r"a model of its own"):
+        Trainer(two, [Step(lambda b: two["a"](b).sum(), torch.optim.SGD(two["a"].parameters(), lr=0.1))],
+                distributed="fsdp")
+    # a refused Trainer leaves the models as they were: not sharded, their optimizers not rebound
+    from torch.distributed.tensor import DTensor
+
+    assert type(model) is torch.nn.Sequential and type(two["a"]) is torch.nn.Sequential
+    assert not any(isinstance(p, DTensor) for p in [*model.parameters(), *with_free.param_groups[0]["params"]])
     from trainflow.callbacks import SampleGrid
 
     G, D = gan(63)
@@ -615,6 +628,7 @@ def test_fsdp_refuses_what_it_cannot_make_exact(group_of_one):
                                          r"`generator`\) on rank 0 only .*Received: callbacks=\[SampleGrid\(\.\.\.\)\]"):
         Trainer({"G": G, "D": D}, [Step(lambda b: D(G(b)).mean(), torch.optim.SGD(G.parameters(), lr=0.1))],
                 callbacks=[grid], distributed="fsdp")
+    assert not any(isinstance(p, DTensor) for p in [*G.parameters(), *D.parameters()])
 
 
 def test_a_dcp_checkpoint_that_is_damaged_or_would_run_code_is_refused(group_of_one, tmp_path):

@@ -39,7 +39,7 @@ norm of every rank's slices), and the non-finite decision is taken by every rank
 **Refused** (a ``ValueError`` when the trainer is built, or at the first window for a loss):
 custom steps (``Step.custom``: its ``ctx.backward`` differentiates into chosen parameters),
 callbacks that call a model on rank 0 only (``SampleGrid``: a sharded forward is a collective),
-tensors trained outside the models, ``compile=True``, ``precision="16-mixed"`` (its loss scaler
+tensors trained outside the models, a parameter held by two models (each model is sharded on its own), ``compile=True``, ``precision="16-mixed"`` (its loss scaler
 would unscale sharded gradients rank by rank), and a window with several normalisers (a mean
 and an ``Average``), whose separate gradient buffers FSDP2 does not reduce.
 """
@@ -147,6 +147,30 @@ class Sharded(Replicate):
                     "optimizer with state. Build the Trainer before stepping the optimizers (build them, then "
                     "the Trainer, then fit), or load their state with trainer.load_state_dict after."
                 )
+        # everything refused is refused before anything is sharded: a refused Trainer leaves the models as they were
+        owner: dict[int, str] = {}  # id(parameter) -> the model that holds it
+        for name, model in models.items():
+            for param in model.parameters():
+                other = owner.setdefault(id(param), name)
+                if other != name:
+                    raise _refuse(
+                        "a parameter held by two models",
+                        f"models {other!r} and {name!r} share a parameter of shape {tuple(param.shape)}",
+                        "Each model is sharded on its own, so a module may be in one of them only: pass the "
+                        "module they share as a model of its own (or one model holding both), or use "
+                        "distributed='replicate'.",
+                    )
+        for opt in optimizers:
+            for group in opt.param_groups:
+                outside = [p for p in group["params"] if id(p) not in owner]
+                if outside:
+                    raise _refuse(
+                        "tensors outside the models",
+                        f"an optimizer ({type(opt).__name__}) that trains {len(outside)} tensor(s) of shape(s) "
+                        f"{[tuple(p.shape) for p in outside[:3]]} in none of `models`",
+                        "Put them in a module passed in `models` (they are then sharded), or use "
+                        "distributed='replicate'.",
+                    )
         shared = [t for m in models.values() for t in (*m.parameters(), *m.buffers()) if t.numel()]
         if shared:
             self.broadcast_(shared)  # every rank shards rank 0's weights
@@ -162,15 +186,6 @@ class Sharded(Replicate):
             self.models.append(model)
         for opt in optimizers:
             for group in opt.param_groups:
-                outside = [p for p in group["params"] if id(p) not in by_id]
-                if outside:
-                    raise _refuse(
-                        "tensors outside the models",
-                        f"an optimizer ({type(opt).__name__}) that trains {len(outside)} tensor(s) of shape(s) "
-                        f"{[tuple(p.shape) for p in outside[:3]]} in none of `models`",
-                        "Put them in a module passed in `models` (they are then sharded), or use "
-                        "distributed='replicate'.",
-                    )
                 group["params"] = [by_id[id(p)] for p in group["params"]]
 
     # ------------------------------------------------------------------ gradients

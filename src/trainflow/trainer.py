@@ -127,14 +127,13 @@ class Trainer:
             self._ranks.check(self.flow.steps, precision, compile)
         self._models = Models(models, self.device, compile)
         self.models = self._models.by_name
-        if self._ranks is not None and self._ranks.shards:  # fully_shard in place; optimizers rebound
-            self._ranks.shard_models(self.models, self.flow.steps)
         self.model_tree = self._models.tree  # the models as given (for naming parameters)
         self.precision = Precision(precision, self.device)
         self.metrics = Metrics(metrics)
         self.events = Events(callbacks, rank_zero=self.is_global_zero)
-        if self._ranks is not None and self._ranks.shards:  # fsdp: no sharded model called on rank 0 alone
+        if self._ranks is not None and self._ranks.shards:  # fsdp: no sharded model called on rank 0 alone,
             self._ranks.check_callbacks(self.events.callbacks, self.models)
+            self._ranks.shard_models(self.models, self.flow.steps)  # then fully_shard in place, optimizers rebound
         if not isinstance(progress, bool):
             raise TypeError(
                 f"Trainer: `progress` must be True or False. Received: progress={progress!r}. "
