@@ -687,6 +687,32 @@ def test_fsdp_at_world_size_one_equals_one_process(group_of_one):
         torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-10, atol=1e-13, msg=name)
 
 
+def test_fsdp_with_a_frozen_layer_equals_one_process(group_of_one):
+    """A model whose first layer is frozen: the frozen weights stay as they were, the rest trains as in one process."""
+    def frozen_mlp():
+        model = mlp(66)
+        model[0].requires_grad_(False)
+        return model
+
+    model = frozen_mlp()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    trainer = Trainer(model, [Step(mse_of(model), opt, name="fit", accumulate=2)], progress=False, distributed="fsdp")
+    trainer.fit(DataLoader(dataset(12, seed=67), batch_size=4), epochs=2)
+    ref = frozen_mlp()
+    ref_opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    batches = list(DataLoader(dataset(12, seed=67), batch_size=4))
+    for _ in range(2):
+        for i in range(0, len(batches), 2):
+            window = batches[i:i + 2]
+            ref_opt.zero_grad()
+            (sum(sq_sum(ref, x, y) for x, y in window) / sum(len(x) for x, _ in window)).backward()
+            ref_opt.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert p.requires_grad == q.requires_grad, name
+        torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-10, atol=1e-13, msg=name)
+    assert torch.equal(model[0].weight.full_tensor(), mlp(66)[0].weight.detach())  # frozen: untouched
+
+
 def test_one_process_trainer_is_global_zero():
     model = torch.nn.Linear(2, 1)
     trainer = Trainer(model, [Step(lambda b: model(b).pow(2).mean(), torch.optim.SGD(model.parameters(), lr=0.1))])
