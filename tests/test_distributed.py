@@ -642,6 +642,11 @@ def test_a_dcp_checkpoint_that_is_damaged_or_would_run_code_is_refused(group_of_
     trainer.fit([dataset(4, seed=65).tensors], epochs=1)
     folder = checkpoint.save_sharded(trainer.state_dict(), checkpoint.path_for(tmp_path, 1))
     assert checkpoint.load(folder)["loop"]["updates"] == 1
+    with pytest.raises(ValueError, match=r"checkpoint\.save: `state` holds sharded tensors \(DTensor\), .*one rank "
+                                         r"would hold that rank's slices only\. Received: a sharded state for "
+                                         r"path='.*ckpt-u000000002\.pt'\. Call checkpoint\.save_sharded"):
+        checkpoint.save(trainer.state_dict(), checkpoint.path_for(tmp_path, 2))
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob(".*.tmp"))  # nothing written
     dist.barrier()
     for damage, error, message in [
         (lambda f: (f / "__0_0.distcp").write_bytes(b"torn"), ValueError, r"is truncated or corrupt and cannot be read"),

@@ -34,6 +34,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import re
 import tempfile
 import warnings
@@ -183,6 +184,16 @@ def save(state: dict[str, Any], path: str | Path) -> Path:
         tensor([1., 1.])
     """
     path = Path(path)
+    if "torch.distributed.tensor" in sys.modules:  # no DTensor can exist before that import
+        from trainflow.fsdp import is_sharded_state
+
+        if is_sharded_state(state):
+            raise ValueError(
+                f"checkpoint.save: `state` holds sharded tensors (DTensor), the state of a distributed='fsdp' "
+                f"run; a file written by one rank would hold that rank's slices only. Received: a sharded state "
+                f"for path={str(path)!r}. Call checkpoint.save_sharded(state, path) on every rank (the "
+                "Checkpoint callback does), or save a state from distributed='replicate' or one process."
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
