@@ -24,7 +24,7 @@ Run:
     OMP_NUM_THREADS=2 python benchmarks/gan_quality.py --threads 2     # both cores
     python benchmarks/gan_quality.py --seeds 0 1 2 3 4 --every 20      # robustness over seeds
     OMP_NUM_THREADS=1 python benchmarks/gan_quality.py --compare --rounds 3   # against the hand loop
-    python benchmarks/gan_quality.py --quick                           # smoke run: 2 epochs, no targets
+    python benchmarks/gan_quality.py --quick                           # smoke run: 1 epoch, no targets
 """
 
 from __future__ import annotations
@@ -208,12 +208,13 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=5, help="print every N-th epoch (default 5)")
     parser.add_argument("--limit", type=float, default=180.0, help="wall-time budget per run in s (default 180)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp folder)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs of seed 0, the targets not required")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 epoch of seed 0, and 1 of each side of --compare; no targets")
     parser.add_argument("--compare", action="store_true", help="time trainflow against the hand-written loop")
     parser.add_argument("--rounds", type=int, default=3, help="--compare: interleaved rounds (default 3)")
     parser.add_argument("--epochs", type=int, default=None, help="--compare: epochs per run (default the example's)")
     args = parser.parse_args()
-    epochs = 2 if args.quick else None
+    epochs = 1 if args.quick else None
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
