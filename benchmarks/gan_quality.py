@@ -24,6 +24,9 @@ Run:
     OMP_NUM_THREADS=2 python benchmarks/gan_quality.py --threads 2     # both cores
     python benchmarks/gan_quality.py --seeds 0 1 2 3 4 --every 20      # robustness over seeds
     OMP_NUM_THREADS=1 python benchmarks/gan_quality.py --compare --rounds 3   # against the hand loop
+    # instructions per epoch: one side under callgrind, a 4-epoch run minus a 2-epoch run, halved
+    OMP_NUM_THREADS=1 valgrind --tool=callgrind python benchmarks/gan_quality.py --compare --side hand \
+        --rounds 1 --epochs 2 --out /tmp/dcgan-cg   # --out keeps the classifier: later runs load it
     python benchmarks/gan_quality.py --quick                           # smoke run: 1 epoch, no targets
 """
 
@@ -102,8 +105,6 @@ def hand_run(out_dir: Path, seed: int, epochs: int) -> dict[str, torch.nn.Module
     quality = SampleQuality(g_ema, classifier, torch.randn(dcgan.QUALITY_SAMPLES, dcgan.LATENT, generator=fixed))
     grid = SampleGrid(g_ema, grid_noise)
     models = {"G": generator, "D": discriminator, "G_ema": g_ema}
-    ema = [(a, m) for a, m in (*zip(g_ema.parameters(), generator.parameters()),
-                               *zip(g_ema.buffers(), generator.buffers())) if a.is_floating_point()]
     (out_dir / "checkpoints").mkdir(exist_ok=True)
     rows, saved, updates = [], [], 0
     for model in models.values():
@@ -126,9 +127,11 @@ def hand_run(out_dir: Path, seed: int, epochs: int) -> dict[str, torch.nn.Module
                                                         torch.zeros(b, 1))
             g_loss.backward()
             g_opt.step()
-            with torch.no_grad():
-                for avg, value in ema:
-                    avg.lerp_(value, 1 - dcgan.EMA_DECAY)
+            with torch.no_grad():  # the example's WeightAverage, written out
+                for avg, value in (*zip(g_ema.parameters(), generator.parameters()),
+                                   *zip(g_ema.buffers(), generator.buffers())):
+                    if avg.is_floating_point():
+                        avg.lerp_(value, 1 - dcgan.EMA_DECAY)
             d_sum, g_sum, n, updates = d_sum + d_loss.detach(), g_sum + g_loss.detach(), n + 1, updates + 2
         row = {"epoch": epoch, "updates": updates, "seconds": 0.0, "D/loss": (d_sum / n).item(),
                "G/loss": (g_sum / n).item(), **quality.measure()}
@@ -157,26 +160,32 @@ def hand_run(out_dir: Path, seed: int, epochs: int) -> dict[str, torch.nn.Module
     return models
 
 
-def compare(root: Path, seed: int, rounds: int, epochs: int | None, warmup: bool = True) -> int:
+def _fresh(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def compare(root: Path, seed: int, rounds: int, epochs: int | None, warmup: bool = True,
+            sides: tuple[str, ...] = ("hand", "trainflow")) -> int:
     """Interleaved rounds of ``dcgan.run`` and :func:`hand_run`; 1 if their weights differ.
 
     ``warmup``: first one untimed epoch of each side (imports, matplotlib's first figure).
+    ``sides``: one side alone runs only that side (an instruction count under callgrind).
     """
     epochs = epochs or dcgan.EPOCHS
     classifier = root / "classifier"
-    digits_classifier(classifier)  # trained once, outside the timings
+    digits_classifier(classifier)  # trained once, outside the timings (loaded when --out holds it)
     times: dict[str, list[tuple[float, float]]] = {"hand": [], "trainflow": []}
-    order = ["hand", "trainflow"]
+    order = list(sides)
     if warmup:
         for side in order:
-            out = root / f"warmup-{side}"
-            out.mkdir(parents=True)
+            out = _fresh(root / f"warmup-{side}")
             shutil.copy(classifier / CLASSIFIER_FILE, out / CLASSIFIER_FILE)
             hand_run(out, seed, 1) if side == "hand" else dcgan.run(out, epochs=1, progress=False, seed=seed)
     for r in range(rounds):
         for side in order if r % 2 == 0 else order[::-1]:
-            out = root / f"{side}-{r}"
-            out.mkdir(parents=True)
+            out = _fresh(root / f"{side}-{r}")
             shutil.copy(classifier / CLASSIFIER_FILE, out / CLASSIFIER_FILE)
             wall, cpu = time.perf_counter(), time.process_time()
             if side == "hand":
@@ -186,11 +195,15 @@ def compare(root: Path, seed: int, rounds: int, epochs: int | None, warmup: bool
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             times[side].append((wall, cpu))
             print(f"round {r + 1} {side:<9} wall {wall:7.2f} s  cpu {cpu:7.2f} s", flush=True)
+        if len(order) == 1:
+            continue
         weights = [torch.load(root / f"{side}-{r}" / "weights.pt", weights_only=True) for side in order]
         same = all(torch.equal(weights[0][m][k], weights[1][m][k]) for m in weights[0] for k in weights[0][m])
         print(f"round {r + 1}: weights identical (G, D, G_ema): {same}")
         if not same:
             return 1
+    if len(order) == 1:
+        return 0
     hand_wall, tf_wall = (statistics.median(w for w, _ in times[s]) for s in order)
     hand_cpu, tf_cpu = (statistics.median(c for _, c in times[s]) for s in order)
     print(f"\n{epochs} epochs, {rounds} rounds, medians:  hand wall {hand_wall:.2f} s, cpu {hand_cpu:.2f} s;  "
@@ -213,6 +226,8 @@ def main() -> int:
     parser.add_argument("--compare", action="store_true", help="time trainflow against the hand-written loop")
     parser.add_argument("--rounds", type=int, default=3, help="--compare: interleaved rounds (default 3)")
     parser.add_argument("--epochs", type=int, default=None, help="--compare: epochs per run (default the example's)")
+    parser.add_argument("--side", choices=["both", "hand", "trainflow"], default="both",
+                        help="--compare: run one side only, without warm-up (for callgrind; default both)")
     args = parser.parse_args()
     epochs = 1 if args.quick else None
     torch.set_num_threads(args.threads)
@@ -222,8 +237,10 @@ def main() -> int:
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.compare or args.quick:
         with tempfile.TemporaryDirectory() as tmp:
-            status = (compare(Path(tmp), args.seeds[0], 1, 1, warmup=False) if args.quick
-                      else compare(Path(tmp), args.seeds[0], args.rounds, args.epochs))
+            root = Path(tmp) if args.out is None else args.out
+            status = (compare(root, args.seeds[0], 1, 1, warmup=False) if args.quick
+                      else compare(root, args.seeds[0], args.rounds, args.epochs, warmup=args.side == "both",
+                                   sides=("hand", "trainflow") if args.side == "both" else (args.side,)))
         if status or args.compare:
             return status
     ok = True
