@@ -235,14 +235,11 @@ def main() -> int:
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    if args.compare or args.quick:
+    if args.compare:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) if args.out is None else args.out
-            status = (compare(root, args.seeds[0], 1, 1, warmup=False) if args.quick
-                      else compare(root, args.seeds[0], args.rounds, args.epochs, warmup=args.side == "both",
-                                   sides=("hand", "trainflow") if args.side == "both" else (args.side,)))
-        if status or args.compare:
-            return status
+            return compare(root, args.seeds[0], args.rounds, args.epochs, warmup=args.side == "both",
+                           sides=("hand", "trainflow") if args.side == "both" else (args.side,))
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out if args.out is not None else Path(tmp)
@@ -252,6 +249,11 @@ def main() -> int:
             last = rows[-1]
             summary.append((seed, wall, float(last["samples/confidence"]), float(last["samples/entropy"]), met))
             ok &= args.quick or (met and wall <= args.limit)
+        if args.quick:  # and one epoch of --compare, with the classifier that run trained
+            (root / "compare" / "classifier").mkdir(parents=True)
+            shutil.copy(root / f"dcgan-seed{args.seeds[0]}" / CLASSIFIER_FILE, root / "compare" / "classifier")
+            if compare(root / "compare", args.seeds[0], 1, 1, warmup=False):
+                return 1
     print("\nseed  wall_s  confidence  entropy  targets")
     for seed, wall, conf, ent, met in summary:
         print(f"{seed:>4} {wall:7.1f} {conf:11.4f} {ent:8.4f}  {'met' if met else 'MISSED'}"
