@@ -1,6 +1,7 @@
 """Trainer(compile=True): the whole update of a declarative step compiled, and where it runs eagerly.
 
-Compiling with inductor takes 20-60 s on a small CPU, so exactly one test here compiles.
+Compiling with inductor takes 20-60 s on a small CPU the first time; every test here compiles the
+same small model and Adam, so the later ones load inductor's cached kernels (about 2-5 s each).
 """
 
 from __future__ import annotations
@@ -85,3 +86,76 @@ def test_a_scheduled_step_keeps_its_optimizer_step_eager_with_a_warning():
                                          r"schedule \(a changing float learning rate recompiles the step\)"):
         compiled = CompiledUpdate(step, torch.device("cpu"))
     assert compiled.opt_steps == {}
+
+
+def _graphs() -> int:
+    import torch._dynamo.utils
+
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_each_trainer_compiles_its_own_optimizer_step_past_dynamos_recompile_limit():
+    # every Adam steps through the same code: without a region per step, each new optimizer is a
+    # recompile of it, and past torch._dynamo.config.recompile_limit (8; 1 here, to need 3
+    # trainers instead of 9) dynamo would run the later trainers' steps eagerly, saying nothing
+    import torch._dynamo
+
+    eager, _ = _run(compile=False)
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # neither a fallback nor a limit warning
+        for _ in range(3):
+            before = _graphs()
+            compiled, trainer = _run(compile=True)
+            assert _graphs() - before == 2  # this trainer's own loss graph and its own Adam step
+            assert trainer._runners[trainer.flow.steps[0]].compiled.eager_reason is None
+            for a, b in zip(eager.parameters(), compiled.parameters()):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def _run_uneven(compile: bool):
+    """36 samples in batches of 8: each epoch ends with a batch of 4."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    data = DataLoader(TensorDataset(torch.randn(36, 4, generator=g), torch.randn(36, 1, generator=g)),
+                      batch_size=8, shuffle=True)
+    trainer = Trainer(model, Step(lambda b: F.mse_loss(model(b[0]), b[1]), opt, name="fit"), compile=compile,
+                      device="cpu")
+    torch.manual_seed(2)
+    trainer.fit(data, epochs=2)
+    return model, trainer
+
+
+def test_a_shorter_last_batch_compiles_one_dynamic_graph_and_matches_eager():
+    import torch._dynamo
+
+    torch._dynamo.reset()  # dynamo keeps the sizes it has seen per code object: start from none
+    eager, _ = _run_uneven(compile=False)
+    before = _graphs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        compiled, trainer = _run_uneven(compile=True)
+    runner = trainer._runners[trainer.flow.steps[0]]
+    assert runner.compiled.shapes == {(8, 4), (4, 4)} and runner.compiled.eager_reason is None
+    # the loss for batches of 8, one with a dynamic batch size made at the batch of 4, Adam's step
+    assert _graphs() - before == 3 and trainer.updates == 10
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamo_giving_up_on_a_recompile_is_a_warning_not_silence():
+    import torch._dynamo
+
+    torch._dynamo.reset()  # forget the batch sizes seen by the loss above (dynamo keeps them per code object)
+    eager, _ = _run_uneven(compile=False)
+    # a recompile limit of 1: the batch of 4 would need the loss's second graph, which dynamo refuses
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.warns(
+        UserWarning, match=r"step 'fit': torch.compile stopped recompiling its loss \(torch._dynamo hit "
+                           r"config.recompile_limit \(1\) for '<lambda>' .*\): calls that its compiled graphs do "
+                           r"not fit run eagerly from here on\. .*raise it \(e.g. "
+                           r"torch._dynamo.config.recompile_limit = 64.* or call torch._dynamo.reset\(\)") as caught:
+        compiled, trainer = _run_uneven(compile=True)
+    assert sum("stopped recompiling" in str(w.message) for w in caught) == 1  # once, not at every batch of 4
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

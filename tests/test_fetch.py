@@ -182,3 +182,32 @@ def test_resume_from_state_dict_on_the_batched_path_is_bit_identical(stop_at):
     assert resumed.updates == whole.updates
     for name in ("w", "a"):
         assert_same_weights(resumed_models[name], whole_models[name])
+
+
+@pytest.mark.parametrize("name", ["tensor-shuffled", "tensor-drop-last", "subset", "getitems", "stack-dataset"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_ranks_share_is_fetched_in_batches_bit_identical_to_the_shares_own(name, world_size):
+    from trainflow.data.sharding import shard
+
+    for rank in range(world_size):  # each rank's share as torchrun makes it, read in this process
+        share = lambda: shard(LOADERS[name](), rank, world_size)  # noqa: E731
+        theirs, rng_theirs = _epochs(share(), batched=False)
+        mine, rng_mine = _epochs(share(), batched=True)
+        assert [len(e) for e in mine] == [len(e) for e in theirs] and len(mine[0]) > 0
+        for epoch_a, epoch_b in zip(mine, theirs):
+            for a, b in zip(epoch_a, epoch_b):
+                _assert_same_batches(a, b)  # the empty share of a short last global batch included
+        assert torch.equal(rng_mine, rng_theirs)
+    assert input_path(share()).startswith(f"batched: {LOADERS[name]().dataset.__class__.__name__}")
+    assert input_path(share()).endswith(f", rank {world_size - 1}'s rows of each global batch of {world_size} ranks")
+
+
+def test_an_empty_share_keeps_the_batch_structure_on_the_batched_path():
+    from trainflow.data.sharding import shard
+
+    batches = list(iterate(shard(DataLoader(_data(n=7), batch_size=2), rank=2, world_size=3)))  # 6, then 1
+    assert [b[0].shape[0] for b in batches] == [2, 0]
+    assert [(t.dtype, tuple(t.shape[1:])) for t in batches[1]] == [(torch.float32, (3, 2)), (torch.int64, ()),
+                                                                  (torch.float64, ())]
+    assert input_path(shard(DataLoader(_data(), batch_size=2, collate_fn=lambda s: s), 0, 2)) == (
+        "the loader's own iterator (a custom collate_fn)")  # a share of a loader that was not batched is not

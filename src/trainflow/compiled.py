@@ -17,6 +17,15 @@ Where a step cannot be captured it runs eagerly, with a warning saying why:
 - the optimizer step of a step with a learning-rate schedule (a float learning rate that
   changes recompiles the step every time) or under float16 loss scaling (the scaler steps it).
 
+Dynamo keeps its compiled graphs per code object, and every optimizer of a class steps through
+the same code: each new optimizer is a recompile of that code, and after
+``torch._dynamo.config.recompile_limit`` (8) of them dynamo silently runs it eagerly. So each
+step compiles its functions in a region of its own (``torch.compile(isolate_recompiles=True)``,
+where torch has it): one trainer's recompiles do not count against another's, and the ninth
+trainer of a process (an experiment's ninth trial) compiles like the first. Where dynamo still
+gives up on a function (a region's own limit, or ``accumulated_recompile_limit`` over all of
+them, or an older torch), the step warns once, saying which function and how to raise the limit.
+
 CPU eager runs stay bit-identical to a hand-written loop; a compiled update differs from eager
 only by the floating-point reassociation of fused kernels (random numbers drawn inside the
 compiled loss come from inductor's own generator: dropout masks differ from eager's).
@@ -24,6 +33,8 @@ compiled loss come from inductor's own generator: dropout masks differ from eage
 
 from __future__ import annotations
 
+import inspect
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -39,6 +50,47 @@ __all__ = ["MAX_SHAPES", "CompiledUpdate", "custom_step_warning"]
 
 #: distinct batch shapes a step compiles for before it runs eagerly
 MAX_SHAPES = 4
+
+
+#: torch.compile(isolate_recompiles=True): a compiled function's recompiles counted on their own
+_ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def _compile(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+    """``torch.compile(fn)`` in a region of its own: its recompiles count against no other function's."""
+    if _ISOLATES:
+        options["isolate_recompiles"] = True
+    return torch.compile(fn, **options)
+
+
+class _LimitHits(logging.Handler):
+    """Dynamo's "hit config.recompile_limit" warnings: after one, the function named runs eagerly.
+
+    Dynamo reports it only in its log (``torch._dynamo.convert_frame``); this handler keeps
+    the first line of each such record so that the step that was running can warn about it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.hits: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "hit config." in message:
+            lines = [line.strip() for line in message.splitlines()]
+            function = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("function:")), "?")
+            self.hits.append(f"{lines[0]} for {function}")
+
+
+_HITS: _LimitHits | None = None
+
+
+def _limit_hits() -> _LimitHits:
+    global _HITS
+    if _HITS is None:
+        _HITS = _LimitHits()
+        logging.getLogger("torch._dynamo.convert_frame").addHandler(_HITS)
+    return _HITS
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
@@ -82,7 +134,7 @@ class CompiledUpdate:
     """
 
     __slots__ = ("step", "name", "eager_loss", "compiled_loss", "shapes", "max_shapes", "eager_reason",
-                 "cuda_graphs", "opt_steps")
+                 "cuda_graphs", "opt_steps", "hits", "limit_warned")
 
     def __init__(self, step: Step, device: torch.device, *, scaled: bool = False,
                  max_shapes: int = MAX_SHAPES, cuda_graphs: bool | None = None) -> None:
@@ -93,7 +145,7 @@ class CompiledUpdate:
         self.eager_loss = step.loss
         # CUDA graphs need static shapes (one graph per shape); elsewhere a second shape (an epoch's
         # shorter last batch) makes one graph with a dynamic batch size, as torch.compile does by default
-        self.compiled_loss = torch.compile(step.loss, mode=mode, dynamic=False if self.cuda_graphs else None)
+        self.compiled_loss = _compile(step.loss, mode=mode, dynamic=False if self.cuda_graphs else None)
         self.shapes: set[tuple[int, ...]] = set()
         self.max_shapes = max_shapes
         self.eager_reason: str | None = None
@@ -104,7 +156,9 @@ class CompiledUpdate:
             self._warn(f"its optimizer step runs eagerly: {why_not}")
         else:
             for opt in step.optimizers:
-                self.opt_steps[id(opt)] = torch.compile(opt.step, dynamic=False)
+                self.opt_steps[id(opt)] = _compile(opt.step, dynamic=False)
+        self.hits = _limit_hits().hits  # dynamo's recompile-limit reports, read after each compiled call
+        self.limit_warned = False
 
     def _warn(self, what: str) -> None:
         warnings.warn(f"Trainer(compile=True): step {self.name!r}: {what}.", UserWarning, stacklevel=5)
@@ -112,6 +166,20 @@ class CompiledUpdate:
     def _fall_back(self, reason: str) -> None:
         self.eager_reason = reason
         self._warn(f"its update runs eagerly from here on: {reason}")
+
+    def _limit_hit(self, before: int, what: str) -> None:
+        """Dynamo gave up compiling a function during this step's call: say so, once per step."""
+        reports = self.hits[before:]
+        del self.hits[before:]
+        if self.limit_warned:
+            return
+        self.limit_warned = True
+        self._warn(
+            f"torch.compile stopped recompiling {what} ({'; '.join(reports)}): calls that its compiled graphs do "
+            "not fit run eagerly from here on. Dynamo recompiles a function for each new model, optimizer or "
+            "input shape, up to that limit; raise it (e.g. torch._dynamo.config.recompile_limit = 64, or "
+            "accumulated_recompile_limit) or call torch._dynamo.reset() between runs that build new ones"
+        )
 
     def loss(self, batch: Any) -> Any:
         """The step's loss on ``batch``: compiled while its shapes are few, eager after."""
@@ -126,11 +194,14 @@ class CompiledUpdate:
             self.shapes.add(shape)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new update: the last one's graph outputs may go
+        hits = len(self.hits)
         try:
             out = self.compiled_loss(batch)
         except _compile_errors() as error:
             self._fall_back(f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
             return self.eager_loss(batch)
+        if len(self.hits) != hits:
+            self._limit_hit(hits, "its loss")
         if self.cuda_graphs:
             out = _cloned(out)  # graph outputs are overwritten by the next replay; the run keeps losses
         return out
@@ -143,8 +214,11 @@ class CompiledUpdate:
             if compiled is None:
                 opt.step()
                 continue
+            hits = len(self.hits)
             try:
                 compiled()
+                if len(self.hits) != hits:
+                    self._limit_hit(hits, f"its {type(opt).__name__} step")
             except _compile_errors() as error:
                 del steps[id(opt)]
                 self._warn(f"its {type(opt).__name__} step runs eagerly: torch.compile failed "

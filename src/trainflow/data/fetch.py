@@ -18,6 +18,12 @@ The batch is bit-identical to the loader's: the same values, dtypes, shapes and 
 else (worker processes, a custom ``collate_fn`` or sampler output, an iterable dataset, a
 dataset with its own ``__getitem__``) is iterated the loader's way, unchanged.
 
+Under torchrun a rank reads its share of the loader (:func:`trainflow.data.sharding.shard`): a
+loader over the same dataset whose batch sampler picks the rank's rows of each global batch,
+collated by the default collate behind a wrapper that only adds the empty share (a rank's part
+of a last global batch shorter than the world size). That share is fetched in batches as the
+loader it came from would be; the empty share is still made by the wrapper.
+
 On CUDA the batched path also copies one batch ahead: the next batch is gathered into pinned
 host memory and copied on a side stream while the current update runs; the update's stream
 waits for that copy before using the batch. Only rows of tensors (``TensorDataset`` and its
@@ -37,6 +43,7 @@ from torch.utils.data import default_collate
 from torch.utils.data._utils.pin_memory import pin_memory
 
 from trainflow.data.batch import move
+from trainflow.data.sharding import ShardedBatches, _EmptyAware
 
 __all__ = ["BatchedIterator", "input_path", "iterate"]
 
@@ -121,7 +128,10 @@ def _why_not(loader: Any) -> str | None:
         return "an iterable dataset"
     if not loader._auto_collation:
         return "batch_size=None"
-    if loader.collate_fn is not default_collate:
+    collate = loader.collate_fn
+    if isinstance(collate, _EmptyAware):  # a rank's share: the default collate plus the empty share
+        collate = collate.collate
+    if collate is not default_collate:
         return "a custom collate_fn"
     return None
 
@@ -147,11 +157,13 @@ class BatchedIterator:
         ('BatchedIterator', True)
     """
 
-    __slots__ = ("loader_iter", "plan", "pin", "device", "side", "ahead", "what")
+    __slots__ = ("loader_iter", "plan", "pin", "device", "side", "ahead", "what", "empty")
 
     def __init__(self, loader_iter: Any, plan: _Plan, device: torch.device | None = None) -> None:
         self.loader_iter = loader_iter
         self.plan = plan
+        collate = loader_iter._collate_fn
+        self.empty = collate if isinstance(collate, _EmptyAware) else None  # a rank's empty share
         self.pin = bool(loader_iter._pin_memory)
         self.device = device
         self.side = None if device is None else torch.cuda.Stream(device)
@@ -166,6 +178,10 @@ class BatchedIterator:
         it = self.loader_iter
         index = it._next_index()  # the loader's sampler: its order, its random draws
         plan = self.plan
+        if not index and self.empty is not None:  # a rank's share of a short last batch: no sample
+            it._num_yielded += 1
+            batch = self.empty(index)
+            return pin_memory(batch) if self.pin or pinned else batch
         batch = plan.fetch(torch.tensor(index, dtype=torch.long) if plan.tensor else index, pinned and plan.tensor)
         it._num_yielded += 1
         if (self.pin or pinned) and not (pinned and plan.tensor):
@@ -212,7 +228,7 @@ def _record(batch: Any, stream: Any) -> None:
 def _reads_ahead(loader: DataLoader) -> bool:
     """Whether the sampler draws its random numbers only when a pass starts (safe to read ahead)."""
     batches = loader.batch_sampler
-    if type(batches) is not BatchSampler:
+    if type(batches) is not BatchSampler and type(batches) is not ShardedBatches:
         return False
     sampler = batches.sampler
     return type(sampler) is SequentialSampler or (type(sampler) is RandomSampler and not sampler.replacement)
@@ -268,7 +284,10 @@ def input_path(iterable: Any) -> str:
         if plan is not None:
             how = "called once per batch, then default_collate" if plan.what.endswith("__getitems__") else \
                 "indexed once per batch"
-            return f"batched: {plan.what} {how}"
+            batches = iterable.batch_sampler
+            share = (f", rank {batches.rank}'s rows of each global batch of {batches.world_size} ranks"
+                     if isinstance(batches, ShardedBatches) else "")
+            return f"batched: {plan.what} {how}{share}"
         why = f"{type(iterable.dataset).__name__} is read one sample at a time"
     if not isinstance(iterable, DataLoader):
         return f"iterated as given ({why})"

@@ -11,6 +11,10 @@ batches, so every rank's epoch ends at the same update.
 A sampler that draws its shuffle seed from the global torch generator (``shuffle=True``
 without ``generator=``) draws it with rank 0's generator on every rank, so every rank draws
 the same order, which is the order one process with the same seed would draw.
+
+A share keeps the loader's dataset and collate function; its collate wrapper only makes the
+empty share. So a share of a loader that :mod:`trainflow.data.fetch` reads in one indexing call
+per batch is read that way too, with the same batches as the share's own per-sample path.
 """
 
 from __future__ import annotations
