@@ -159,3 +159,32 @@ def test_dynamo_giving_up_on_a_recompile_is_a_warning_not_silence():
     assert sum("stopped recompiling" in str(w.message) for w in caught) == 1  # once, not at every batch of 4
     for a, b in zip(eager.parameters(), compiled.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+class _Scaled(torch.nn.Module):
+    """A model whose forward holds a constant of its own: each instance is a recompile of the same code."""
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.linear, self.k = torch.nn.Linear(2, 2), k
+
+    def forward(self, x):
+        return self.linear(x).relu() * self.k
+
+
+def test_each_trainers_compiled_model_compiles_past_dynamos_recompile_limit():
+    # a model called outside the steps' losses (a callback, validation) runs its own compiled
+    # forward; without a region per model, the second and third instances here would be
+    # recompiles past the limit (1 here, 8 by default) and run eagerly, saying nothing
+    import torch._dynamo
+
+    x = torch.randn(3, 2)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for k in (1.0, 2.0, 3.0):
+            model = _Scaled(k)
+            Trainer(model, Step(lambda b, model=model: model(b).sum(), torch.optim.SGD(model.parameters(), lr=0.1)),
+                    compile=True, device="cpu")
+            before = _graphs()
+            out = model(x)
+            assert _graphs() - before == 1  # its own graph
+            torch.testing.assert_close(out, model._call_impl(x))

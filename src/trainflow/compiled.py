@@ -46,7 +46,7 @@ from trainflow.data.batch import first_tensor
 if TYPE_CHECKING:
     from trainflow.step import Step
 
-__all__ = ["MAX_SHAPES", "CompiledUpdate", "custom_step_warning"]
+__all__ = ["MAX_SHAPES", "CompiledUpdate", "custom_step_warning", "region_options"]
 
 #: distinct batch shapes a step compiles for before it runs eagerly
 MAX_SHAPES = 4
@@ -56,11 +56,22 @@ MAX_SHAPES = 4
 _ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
 
+def region_options() -> dict[str, Any]:
+    """The ``torch.compile`` options that give a compiled function a region of its own (its
+    recompiles count against no other function's); none where torch does not have them.
+
+    Example:
+        >>> import inspect, torch
+        >>> region_options() == ({"isolate_recompiles": True}
+        ...                      if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {})
+        True
+    """
+    return {"isolate_recompiles": True} if _ISOLATES else {}
+
+
 def _compile(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
     """``torch.compile(fn)`` in a region of its own: its recompiles count against no other function's."""
-    if _ISOLATES:
-        options["isolate_recompiles"] = True
-    return torch.compile(fn, **options)
+    return torch.compile(fn, **options, **region_options())
 
 
 class _LimitHits(logging.Handler):

@@ -101,8 +101,11 @@ class Models:
         self.tree: nn.Module | dict[str, nn.Module] = models if isinstance(models, nn.Module) else self.by_name
         for model in self.by_name.values():
             model.to(device)
-            if compile:
-                model.compile()
+            if compile:  # in a region of its own, as the steps' functions (trainflow.compiled): a process's
+                # ninth model of a class compiles like the first instead of silently running eagerly
+                from trainflow.compiled import region_options
+
+                model.compile(**region_options())
 
     def kept_in_eval(self) -> list[str]:
         """The modules that stay in eval mode during fit (``freeze(..., batchnorm="eval")``)."""
