@@ -300,7 +300,15 @@ def main() -> None:
             fsdp_run.resume_run(args.then_fsdp_killed, 12)
     else:
         fsdp_run.resume_run(args.out, args.kill_call)
+    # Every result is written. Leave together (a barrier, so that no rank tears the group down
+    # while another still talks to it), then skip the interpreter's finalization: gloo's worker
+    # threads can still hold tensors then, and freeing them at that point has aborted a rank
+    # ("terminate called without an active exception") after a run that had passed.
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
