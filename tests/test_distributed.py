@@ -656,6 +656,9 @@ def test_a_dcp_checkpoint_that_is_damaged_or_would_run_code_is_refused(group_of_
          r"was refused: its '\.metadata' would build objects other than torch\.distributed\.checkpoint's metadata "
          r"\(WeightsUnpickler error: Unsupported global: collections\.Counter\)"),
         (lambda f: (f / ".metadata").write_bytes(b"\x80\x04"), ValueError, r"is truncated or corrupt .*'\.metadata'"),
+        (lambda f: (f / ".metadata").write_bytes(pickle.dumps(__import__("torch.distributed.checkpoint.format_utils", fromlist=["x"]).dcp_to_torch_save)),
+         ValueError, r"was refused: its '\.metadata' would build objects other than .*Unsupported global: "
+                     r"torch\.distributed\.checkpoint\.format_utils\.dcp_to_torch_save"),
         (lambda f: (f / ".metadata").write_bytes(pickle.dumps(__import__("collections").OrderedDict())), ValueError,
          r"is truncated or corrupt .*'\.metadata' lists items other than tensors"),
     ]:

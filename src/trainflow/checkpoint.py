@@ -412,7 +412,11 @@ class _MetadataUnpickler(pickle.Unpickler):
     """DCP's ``.metadata`` pickle, allowed to build DCP's metadata classes and nothing else."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("torch.distributed.checkpoint.") or (module, name) in _METADATA_CLASSES or (
+        if module.startswith("torch.distributed.checkpoint."):
+            found = super().find_class(module, name)
+            if isinstance(found, type):  # DCP's metadata classes; never one of its functions (save, convert...)
+                return found
+        elif (module, name) in _METADATA_CLASSES or (
             module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         ):
             return super().find_class(module, name)
