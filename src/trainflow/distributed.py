@@ -289,29 +289,23 @@ class Replicate:
             reached = buckets.send_rest()
             meta_t = torch.tensor([float(c) for c in counts.values()] + [float(r) for r in reached],
                                   dtype=torch.float64)
-            names = list(sums)
-            sums_t = torch.stack([sums[n].detach().to(torch.float64).reshape(()).cpu() for n in names]) \
-                if names else None
-            self.sum_([meta_t] + ([sums_t] if sums_t is not None else []))
+            stacked = stack_sums(sums)
+            self.sum_([meta_t] + stacked)
             buckets.receive()
             for p, r in zip(params, meta_t[len(counts):].tolist()):
                 if not r:
                     p.grad = None
-            for i, n in enumerate(names):
-                sums[n] = sums_t[i].to(device=sums[n].device, dtype=sums[n].dtype)
+            put_sums(sums, stacked)
             return dict(zip(counts, meta_t[: len(counts)].tolist()))
         grads = _grads_of(params, buffers)
         reached = [g is not None for g in grads]
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(_param_per_grad(params, buffers), grads)]
         meta = [float(c) for c in counts.values()] + [float(r) for r in reached]
-        names = list(sums)
-        dtype = torch.float64
-        meta_t = torch.tensor(meta, dtype=dtype)
-        sums_t = torch.stack([sums[n].detach().to(dtype).reshape(()).cpu() for n in names]) if names else None
-        self.sum_(grads + [meta_t] + ([sums_t] if sums_t is not None else []))
+        meta_t = torch.tensor(meta, dtype=torch.float64)
+        stacked = stack_sums(sums)
+        self.sum_(grads + [meta_t] + stacked)
         _put_grads(params, buffers, grads, meta_t[len(counts):].tolist())
-        for i, n in enumerate(names):
-            sums[n] = sums_t[i].to(device=sums[n].device, dtype=sums[n].dtype)
+        put_sums(sums, stacked)
         return dict(zip(counts, meta_t[: len(counts)].tolist()))
 
     def average(
@@ -533,6 +527,33 @@ class _Buckets:
             for p, summed in zip(members, _unflatten_dense_tensors(flat, members)):
                 p.grad = summed.to(p.device)
         self.sent = []
+
+
+def stack_sums(sums: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """A window's loss sums as one float64 CPU vector to all-reduce (``[]`` when there are none).
+
+    Example:
+        >>> import torch
+        >>> stack_sums({"a": torch.tensor(1.5), "b": torch.tensor(2.0)})
+        [tensor([1.5000, 2.0000], dtype=torch.float64)]
+    """
+    if not sums:
+        return []
+    return [torch.stack([t.detach().to(torch.float64).reshape(()).cpu() for t in sums.values()])]
+
+
+def put_sums(sums: dict[str, torch.Tensor], stacked: list[torch.Tensor]) -> None:
+    """Put the summed vector of :func:`stack_sums` back into ``sums``, each on its device and dtype.
+
+    Example:
+        >>> import torch
+        >>> sums = {"a": torch.tensor(1.5, dtype=torch.float32)}
+        >>> put_sums(sums, [torch.tensor([3.0], dtype=torch.float64)])
+        >>> sums["a"]
+        tensor(3.)
+    """
+    for t, name in zip(stacked[0] if stacked else (), list(sums)):
+        sums[name] = t.to(device=sums[name].device, dtype=sums[name].dtype)
 
 
 def _by_dtype(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:

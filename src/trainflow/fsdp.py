@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainflow.distributed import Replicate
+from trainflow.distributed import Replicate, put_sums, stack_sums
 from trainflow.state import Optimizers
 
 __all__ = ["Sharded", "ShardedModels", "ShardedOptimizers", "is_sharded_state"]
@@ -238,13 +238,10 @@ class Sharded(Replicate):
         sums: dict[str, torch.Tensor],
     ) -> dict[str, float]:
         """After a window: the global counts and loss sums (the gradients were summed by FSDP2)."""
-        names = list(sums)
         meta = torch.tensor([float(c) for c in counts.values()], dtype=torch.float64)
-        flat = [meta] + ([torch.stack([sums[n].detach().to(torch.float64).reshape(()).cpu() for n in names])]
-                         if names else [])
-        self.sum_(flat)
-        for i, n in enumerate(names):
-            sums[n] = flat[1][i].to(device=sums[n].device, dtype=sums[n].dtype)
+        stacked = stack_sums(sums)
+        self.sum_([meta] + stacked)
+        put_sums(sums, stacked)
         return dict(zip(counts, meta.tolist()))
 
 
