@@ -782,3 +782,43 @@ def test_replicate_at_world_size_one_equals_one_process(monkeypatch):
         weights.append([p.detach() for p in model.parameters()])
     for a, b in zip(*weights):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+EXIT_CHECK = """
+import atexit, sys
+import torch, torch.distributed as dist
+from trainflow import Step, Trainer
+
+# registered before the trainer's handler, so it runs after it (atexit runs last in, first out)
+atexit.register(lambda: print("group at exit:", dist.is_initialized(), flush=True))
+model = torch.nn.Linear(2, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+trainer = Trainer(model, [Step(lambda b: model(b).pow(2).mean(), opt)], progress=False, distributed="replicate")
+data = [torch.ones(3, 2)] if sys.argv[1] == "ok" else [torch.ones(3, 5)]  # (3, 5) fails in the loss
+try:
+    trainer.fit(data, epochs=1)
+except RuntimeError:
+    print("fit raised")
+"""
+
+
+@pytest.mark.parametrize("how, destroyed", [("ok", True), ("raises", False)])
+def test_the_joined_group_is_destroyed_at_exit_unless_a_fit_raised(tmp_path, how, destroyed):
+    """A script that ends without ``dist.destroy_process_group()`` used to exit with its gloo group
+    alive, and gloo's threads could then abort the process at interpreter exit ("terminate called
+    without an active exception") after a finished run. The trainer that joined the group now
+    destroys it from an atexit handler, unless a fit raised (another rank may be in a collective)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    script = tmp_path / "exit_check.py"
+    script.write_text(EXIT_CHECK)
+    done = subprocess.run([sys.executable, str(script), how], env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("fit raised" in done.stdout) == (how == "raises"), done.stdout
+    assert done.stdout.strip().endswith(f"group at exit: {not destroyed}"), done.stdout + done.stderr[-3000:]

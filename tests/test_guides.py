@@ -60,7 +60,10 @@ def test_guide_runs_and_prints_what_it_shows(path, tmp_path, monkeypatch):
             with contextlib.redirect_stdout(printed):
                 exec(compile(code, f"{path.name}[block {i}]", "exec"), namespace)
         except Exception as error:
-            raise AssertionError(f"{path.name}, block {i} failed: {error!r}\n{code}") from error
+            # a failed subprocess (a torchrun launch) says why on its stderr: show the end of it
+            said = getattr(error, "stderr", None) or getattr(error, "output", None) or ""
+            said = f"\nits output ends:\n{said[-4000:]}" if isinstance(said, str) and said else ""
+            raise AssertionError(f"{path.name}, block {i} failed: {error!r}\n{code}{said}") from error
         if shown is not None:  # as doctest compares: "..." stands for any text (a value at rounding level)
             got, want = _lines(printed.getvalue()), _lines(shown)
             assert CHECKER.check_output(want, got, doctest.ELLIPSIS), (

@@ -37,6 +37,7 @@ checkpoint callback call; :func:`resolve` picks the mode.
 
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -79,6 +80,34 @@ def _torchrun() -> bool:
 
 def _joined() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+#: set by a ``fit`` that raised in this process: the group it joined is then not destroyed at exit
+_failed = False
+
+
+def fit_raised() -> None:
+    """Note that a ``fit`` raised in this process, so that :func:`_leave` leaves the group alone.
+
+    Example:
+        >>> fit_raised()  # what Trainer.fit does when it raises
+    """
+    global _failed
+    _failed = True
+
+
+def _leave() -> None:
+    """At interpreter exit, destroy the process group that a trainer joined, unless a fit raised.
+
+    A process that exits with its gloo group alive can abort after its work is done ("terminate
+    called without an active exception": gloo's worker threads free their last tensors while the
+    interpreter is torn down), which turns a finished run into a failed launch. Destroying the
+    group from an ``atexit`` handler, while the interpreter is whole, is what a script would do
+    itself with ``dist.destroy_process_group()``. After a fit that raised, the group is left as it
+    is: another rank may still be inside a collective, and destroying an NCCL group then can hang.
+    """
+    if _joined() and not _failed:
+        dist.destroy_process_group()
 
 
 def check_mode(mode: Any) -> str:
@@ -172,6 +201,7 @@ class Replicate:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             dist.init_process_group(backend)
+            atexit.register(_leave)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.is_global_zero = self.rank == 0

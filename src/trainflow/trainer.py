@@ -19,7 +19,14 @@ from trainflow.data.position import DataPosition, split_loop_state
 from trainflow.data.sharding import empty, is_sharded
 from trainflow.data.streams import open_streams
 from trainflow.describe import describe
-from trainflow.distributed import RankState, check_world_size, check_world_size_change, local_device, resolve
+from trainflow.distributed import (
+    RankState,
+    check_world_size,
+    check_world_size_change,
+    fit_raised,
+    local_device,
+    resolve,
+)
 from trainflow.events import Events
 from trainflow.flow import Flow
 from trainflow.losses import Term, parse_loss, sum_forms
@@ -248,6 +255,7 @@ class Trainer:
                     self._end_epoch(val_data, val_step)
                 self.events.fire("on_fit_end", self)
             except BaseException as error:
+                fit_raised()
                 self.events.fire("on_exception", self, error)
                 raise
 
