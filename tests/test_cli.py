@@ -75,16 +75,14 @@ def test_the_same_command_twice_writes_a_new_version_and_resume_continues_the_ne
     second = _cli(["run", "alternating", "--epochs", "1"], tmp_path)
     assert (f"runs{os.sep}alternating holds an earlier run; this run writes runs{os.sep}alternating-2 "
             "(`trainflow run alternating --resume` continues the newest run instead).") in second.stdout
-    third = _cli(["run", "alternating", "--epochs", "1"], tmp_path)
-    assert f"this run writes runs{os.sep}alternating-3 " in third.stdout
-    for folder in ("alternating", "alternating-2", "alternating-3"):
+    for folder in ("alternating", "alternating-2"):
         assert (tmp_path / "runs" / folder / "weights.pt").is_file()
     first_weights, second_weights = (torch.load(tmp_path / "runs" / f / "weights.pt", weights_only=True)
                                      for f in ("alternating", "alternating-2"))
     assert all(torch.equal(first_weights["model"][k], v) for k, v in second_weights["model"].items())
 
     done = _cli(["run", "alternating", "--epochs", "1", "--resume"], tmp_path)
-    newest = Path("runs") / "alternating-3"
+    newest = Path("runs") / "alternating-2"
     assert f"Resuming {newest} from {newest / 'checkpoints' / 'ckpt-u000000079-e1.pt'} (update 79, 1 epoch(s) done)." \
         in done.stdout
     assert (f"{newest} already finished at epoch 1: nothing to train. Train further with "
@@ -94,3 +92,21 @@ def test_the_same_command_twice_writes_a_new_version_and_resume_continues_the_ne
     further = _cli(["run", "alternating", "--epochs", "2", "--resume"], tmp_path)
     assert f"Resuming {newest} from" in further.stdout and "'alternating' finished in" in further.stdout
     assert sum(1 for _ in open(tmp_path / newest / "metrics.csv")) == 3  # a header and two epochs
+
+
+def test_a_fresh_run_takes_the_first_free_version_and_resume_the_newest_run(tmp_path):
+    """The numbering the CLI runs above rely on, past -2 and -9, without training."""
+    from trainflow.cli import _run_folder
+
+    base = tmp_path / "runs" / "mlp"
+    assert _run_folder(base, resume=False, explicit=False) == base  # nothing there yet
+    for name in ("mlp", "mlp-2", "mlp-3", "mlp-4", "mlp-5", "mlp-6", "mlp-7", "mlp-8", "mlp-9"):
+        (base.parent / name).mkdir(parents=True)
+        (base.parent / name / "journal.log").write_text("")  # a folder that holds a run
+    assert _run_folder(base, resume=False, explicit=False) == base.with_name("mlp-10")
+    (base.parent / "mlp-10").mkdir()  # an empty folder holds no run: a fresh run may take it
+    assert _run_folder(base, resume=False, explicit=False) == base.with_name("mlp-10")
+    assert _run_folder(base, resume=True, explicit=False) == base.with_name("mlp-9")  # -10 holds nothing
+    (base.parent / "mlp-10" / "journal.log").write_text("")
+    assert _run_folder(base, resume=True, explicit=False) == base.with_name("mlp-10")  # 10 after 9, not after 1
+    assert _run_folder(base, resume=True, explicit=True) == base  # --out names the folder itself

@@ -4,7 +4,6 @@ first and second order against hand-written loops bit for bit, Gumbel, warm-up, 
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
