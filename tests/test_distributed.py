@@ -483,6 +483,8 @@ def test_fsdp_dcp_checkpoint_sigkill_of_one_rank_then_resume_is_bit_identical(re
     assert sorted(p.name for p in checkpoint.latest(folder).iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp", "trainflow.pt"]
     assert [e["file"] for e in checkpoint.read_index(folder)] == ["ckpt-u000000004-e2.dcp", "ckpt-u000000005-e2.dcp"]
+    newest = checkpoint.latest(folder)
+    whole = checkpoint.load(newest)  # read whole here, to compare with what each rank reads of it
     left = folder / ".ckpt-u000000006-e2.dcp.x1y2.tmp"  # what a kill during a save leaves
     left.mkdir()
     (left / "__0_0.distcp").write_bytes(b"partial")
@@ -493,6 +495,24 @@ def test_fsdp_dcp_checkpoint_sigkill_of_one_rank_then_resume_is_bit_identical(re
         expected = (resumed / "fsdp_uninterrupted" / f"resume.digest.rank{rank}").read_text()
         assert expected.split()[1] == "8"
         assert (killed / f"resume.digest.rank{rank}").read_text() == expected
+    # each rank read its own rows of every sharded tensor (dim 0, as torch.chunk splits it: the last
+    # layer's one-row bias is rank 0's, rank 1 reads none of it), never the whole checkpoint
+    sharded = 0
+    for rank in range(WORLD):
+        [read] = torch.load(killed / f"resume.read.rank{rank}.pt", weights_only=True)
+        assert read["file"] == newest.name and read["mesh"] == tuple(range(WORLD))
+        for key, (is_sharded, got) in read["tensors"].items():
+            value = whole
+            for part in key.strip("/").split("/"):  # an optimizer's state is keyed by int
+                value = value[int(part)] if part.isdigit() and int(part) in value else value[part]
+            if is_sharded:
+                sharded += 1
+                rows = value.chunk(WORLD)
+                want = rows[rank] if rank < len(rows) else value[:0]
+                assert torch.equal(got, want), (rank, key)
+            else:
+                assert torch.equal(got, value), (rank, key)
+    assert sharded == WORLD * 3 * 4  # 4 parameters, each with its Adam moments, on every rank
 
 
 def test_fsdp_dcp_checkpoint_loads_in_one_process_without_a_group(runs):
@@ -667,6 +687,11 @@ def test_a_dcp_checkpoint_that_is_damaged_or_would_run_code_is_refused(group_of_
         damage(copy)
         with pytest.raises(error, match=message):
             checkpoint.load(copy)
+        with pytest.raises(error, match=message):  # read on the mesh, as an fsdp trainer's resume reads it
+            checkpoint.load(copy, mesh=trainer._ranks.mesh)
+    sliced = checkpoint.load(folder, mesh=trainer._ranks.mesh)["models"]["model"]
+    assert all(type(v).__name__ == "DTensor" and torch.equal(v.full_tensor(), w.full_tensor())
+               for v, w in zip(sliced.values(), trainer.state_dict()["models"]["model"].values()))
 
 
 def mse_of(model):
@@ -693,6 +718,25 @@ def test_fsdp_at_world_size_one_equals_one_process(group_of_one):
             ref_opt.step()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-10, atol=1e-13, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:The state holds callback state")
+def test_fsdp_resumes_a_two_rank_checkpoint_in_a_group_of_one(runs, group_of_one):
+    """A sharded checkpoint read on the mesh of another world size (world_size_change="allow"): DCP
+    gives the one rank every row of every tensor, and the run ends where the 2-rank run ended."""
+    path = checkpoint.checkpoints(runs / "fsdp_uninterrupted" / "run" / "checkpoints")[0]
+    assert path.name == "ckpt-u000000007-e3.dcp"
+    model = mlp(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    trainer = Trainer(model, [Step(mse_of(model), opt, name="fit", accumulate=2)], progress=False,
+                      distributed="fsdp")
+    with pytest.warns(UserWarning, match="saved with world size 2 under world size 1"):
+        trainer.fit(DataLoader(dataset(27, seed=52), batch_size=8, shuffle=True), epochs=4, resume=path,
+                    world_size_change="allow")
+    assert trainer.updates == 8
+    final = result(runs / "fsdp_uninterrupted", "fsdp_resume")
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.full_tensor(), final["params"][f"m.{name}"], rtol=1e-10, atol=1e-13, msg=name)
 
 
 def test_fsdp_with_a_frozen_layer_equals_one_process(group_of_one):

@@ -22,8 +22,9 @@ random generators, schedules, metrics, the tensors that are not sharded) as a
 renamed by rank 0 once every rank's part and the rest are complete and fsynced, so a kill at
 any moment leaves the newest complete checkpoint loadable. :func:`load` reads such a folder
 whole (every tensor full, in one process, without a process group): a ``Trainer`` in one
-process loads it as it loads a file (``world_size_change="allow"``), and an fsdp ``Trainer``
-keeps each rank's slice of it. DCP's ``.metadata`` is a pickle: it is checked to hold nothing
+process loads it as it loads a file (``world_size_change="allow"``). An fsdp ``Trainer`` reads
+it with ``load(folder, mesh=...)``: every rank together, each reading only the rows of its own
+shards. DCP's ``.metadata`` is a pickle: it is checked to hold nothing
 but DCP's own metadata classes before DCP reads it.
 """
 
@@ -272,11 +273,15 @@ def _verify_crc(path: Path) -> None:
         raise zipfile.BadZipFile(f"CRC-32 mismatch in {bad!r}: the file changed after it was written")
 
 
-def load(path: str | Path) -> dict[str, Any]:
+def load(path: str | Path, mesh: Any = None) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save`, without ever running pickled code.
 
     A sharded checkpoint's folder (:func:`save_sharded`) is read whole, every tensor full, in
-    this process alone (no process group is needed).
+    this process alone (no process group is needed). With ``mesh`` (a one-dimensional
+    ``DeviceMesh``: the one ``fully_shard`` shards over), every rank of it reads the folder
+    together (a collective) and each reads only its own slices: every sharded tensor comes back
+    as a ``DTensor`` sharded on dimension 0 over ``mesh``, as FSDP2 shards a parameter (under
+    another world size than the one that wrote it, too). A checkpoint file ignores ``mesh``.
 
     Example:
         >>> import tempfile, torch
@@ -286,7 +291,7 @@ def load(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if path.is_dir() and path.suffix == SHARDED:
-        return _load_sharded(path)
+        return _load_sharded(path, mesh)
     if not path.is_file():
         raise FileNotFoundError(
             f"Checkpoint not found. Received: path={str(path)!r}. "
@@ -361,6 +366,8 @@ def save_sharded(state: dict[str, Any], path: str | Path) -> Path:
         >>> w = distribute_tensor(torch.arange(4.0), init_device_mesh("cpu", (1,)))
         >>> folder = save_sharded({"models": {"m": {"w": w}}, "loop": {"updates": 3}},
         ...                       path_for(tempfile.mkdtemp(), 3))
+        >>> type(load(folder, mesh=w.device_mesh)["models"]["m"]["w"]).__name__  # each rank's slices
+        'DTensor'
         >>> dist.destroy_process_group()
         >>> folder.name, load(folder)["models"]["m"]["w"].tolist(), load(folder)["loop"]
         ('ckpt-u000000003.dcp', [0.0, 1.0, 2.0, 3.0], {'updates': 3})
@@ -427,8 +434,19 @@ _METADATA_CLASSES = {("torch", "Size"), ("collections", "OrderedDict"), ("torch.
                      ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "Path")}
 
 
-def _load_sharded(path: Path) -> dict[str, Any]:
-    """A sharded checkpoint's folder read whole: the rest of the state with every tensor put back, full."""
+def _template(size: tuple[int, ...], dtype: torch.dtype, mesh: Any) -> torch.Tensor:
+    """Where DCP reads one saved tensor: a full CPU tensor, or this rank's dim-0 shard on ``mesh``."""
+    if mesh is None:
+        return torch.empty(size, dtype=dtype)
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import empty as sharded_empty
+
+    return sharded_empty(size, dtype=dtype, device_mesh=mesh, placements=[Shard(0) if size else Replicate()])
+
+
+def _load_sharded(path: Path, mesh: Any = None) -> dict[str, Any]:
+    """A sharded checkpoint's folder: the rest of the state with every tensor put back, full (in
+    one process), or as this rank's slices on ``mesh`` (every rank together)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -449,11 +467,14 @@ def _load_sharded(path: Path) -> dict[str, Any]:
     items = getattr(metadata, "state_dict_metadata", None)
     if not isinstance(items, dict) or not all(hasattr(m, "size") and hasattr(m, "properties") for m in items.values()):
         raise _corrupt(path, "'.metadata' lists items other than tensors, which trainflow never writes")
-    template = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in items.items()}
+    template = {key: _template(tuple(meta.size), meta.properties.dtype, mesh) for key, meta in items.items()}
     try:
-        with warnings.catch_warnings():  # reading in one process is the intent here
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            dcp.load(template, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+        if mesh is not None:  # every rank reads the slices that overlap its shards, and nothing else
+            dcp.load(template, storage_reader=dcp.FileSystemReader(path), process_group=mesh.get_group())
+        else:
+            with warnings.catch_warnings():  # reading in one process is the intent here
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                dcp.load(template, storage_reader=dcp.FileSystemReader(path), no_dist=True)
     except (Exception, CheckpointException) as error:  # a missing or damaged shard
         detail = str(error).splitlines()[0][:200] if str(error) else "no detail"
         raise _corrupt(path, f"{type(error).__name__}: {detail}") from None

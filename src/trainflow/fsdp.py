@@ -89,6 +89,9 @@ class Sharded(Replicate):
         super().__init__(device)
         self.models: list[Any] = []  # the sharded models (FSDPModule)
         self.named: list[tuple[str, torch.Tensor]] = []  # their sharded parameters
+        #: the device mesh the parameters are sharded over (None before sharding, or with no parameters):
+        #: a sharded checkpoint is read on it, each rank reading its slices only
+        self.mesh: Any = None
 
     # ------------------------------------------------------------------ sharding
 
@@ -136,6 +139,7 @@ class Sharded(Replicate):
         """Give every rank rank 0's weights, ``fully_shard`` each model in place (summing, not
         averaging, its reduce-scatter) and rebind the steps' optimizers to the sharded parameters."""
         from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor
 
         optimizers = list({id(o): o for step in steps for o in step.optimizers}.values())
         for i, opt in enumerate(optimizers):
@@ -183,6 +187,8 @@ class Sharded(Replicate):
             model.set_force_sum_reduction_for_comms(True)
             for name, param in model.named_parameters():
                 by_id[id(before[name])] = param
+                if self.mesh is None and isinstance(param, DTensor):
+                    self.mesh = param.device_mesh
             self.models.append(model)
         for opt in optimizers:
             for group in opt.param_groups:

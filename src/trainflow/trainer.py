@@ -285,7 +285,9 @@ class Trainer:
         path = checkpoint.resume_path(resume, self.out_dir)
         if path is None:
             return  # resume="latest" on a first run: nothing to resume yet
-        state = split_loop_state(checkpoint.load(path))
+        # under fsdp every rank reads its own slices of a sharded checkpoint, on the models' mesh
+        mesh = self._ranks.mesh if self._ranks is not None and self._ranks.shards else None
+        state = split_loop_state(checkpoint.load(path, mesh=mesh))
         if isinstance(state, Mapping):
             check_world_size(state.get("ranks") or {}, self.world_size, world_size_change)
         if isinstance(state, Mapping) and isinstance(state.get("data"), Mapping) and "streams" in state["data"]:

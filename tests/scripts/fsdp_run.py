@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from dist_setups import dataset, float32_data, float32_mlp, gan, gan_data, mlp  # noqa: E402
 from kill_run import digest, final_state  # noqa: E402
 
-from trainflow import Average, Step, Trainer, param_groups  # noqa: E402
+from trainflow import Average, Step, Trainer, checkpoint, param_groups  # noqa: E402
 from trainflow.callbacks import Checkpoint  # noqa: E402
 
 F = torch.nn.functional
@@ -170,6 +170,18 @@ def local(obj):
     return obj
 
 
+def tensors(obj, at: str = "") -> dict:
+    """Every tensor in the dicts of ``obj`` by its path: ``(True, this rank's slice)`` for a sharded
+    one, ``(False, tensor)`` for a plain one."""
+    if isinstance(obj, DTensor):
+        return {at: (True, obj.to_local().clone())}
+    if isinstance(obj, torch.Tensor):
+        return {at: (False, obj.clone())}
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in tensors(value, f"{at}/{key}").items()}
+    return {}
+
+
 def resume_run(out: Path, kill_call: int | None) -> None:
     """Shuffled, accumulate=2 over 27 samples (global batches of 8, 8, 8, 3), two Adam-trained
     layers, a DCP checkpoint after every update; rank 1 dies by SIGKILL in its ``kill_call``-th loss call."""
@@ -189,7 +201,22 @@ def resume_run(out: Path, kill_call: int | None) -> None:
 
     trainer = Trainer(model, [Step(loss, opt, name="fit", accumulate=2)], callbacks=[Checkpoint(every_updates=1)],
                       out_dir=out / "run", progress=False, distributed="fsdp")
-    trainer.fit(DataLoader(dataset(27, seed=52), batch_size=4, shuffle=True), epochs=4, resume="latest")
+    read = []  # what the trainer's resume read: which checkpoint, on which mesh, and this rank's slices of it
+    whole_load = checkpoint.load
+
+    def load(path, mesh=None):
+        state = whole_load(path, mesh=mesh)
+        if Path(path).suffix == ".dcp":  # not the folder's trainflow.pt, which load reads too
+            read.append({"file": Path(path).name, "mesh": None if mesh is None else tuple(mesh.mesh.tolist()),
+                         "tensors": tensors({"models": state["models"], "optimizers": state["optimizers"]})})
+        return state
+
+    checkpoint.load = load
+    try:
+        trainer.fit(DataLoader(dataset(27, seed=52), batch_size=4, shuffle=True), epochs=4, resume="latest")
+    finally:
+        checkpoint.load = whole_load
+    torch.save(read, out / f"resume.read.rank{dist.get_rank()}.pt")
     state = local(final_state(trainer))
     (out / f"resume.digest.rank{dist.get_rank()}").write_text(f"{digest(state)} {trainer.updates}\n")
     record(out, "fsdp_resume", trainer, {"m": model})
