@@ -82,28 +82,29 @@ def _joined() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-#: set by a ``fit`` that raised in this process: the group it joined is then not destroyed at exit
+#: whether the last ``fit`` in this process raised: the group the trainer joined is then not destroyed at exit
 _failed = False
 
 
-def fit_raised() -> None:
-    """Note that a ``fit`` raised in this process, so that :func:`_leave` leaves the group alone.
+def fit_ended(raised: bool) -> None:
+    """Note how a ``fit`` ended in this process: after one that raised, :func:`_leave` leaves the
+    group alone at exit (until a later fit ends normally, with every rank in step again).
 
     Example:
-        >>> fit_raised()  # what Trainer.fit does when it raises
+        >>> fit_ended(raised=False)  # what Trainer.fit does when it returns
     """
     global _failed
-    _failed = True
+    _failed = raised
 
 
 def _leave() -> None:
-    """At interpreter exit, destroy the process group that a trainer joined, unless a fit raised.
+    """At interpreter exit, destroy the process group that a trainer joined, unless the last fit raised.
 
     A process that exits with its gloo group alive can abort after its work is done ("terminate
     called without an active exception": gloo's worker threads free their last tensors while the
     interpreter is torn down), which turns a finished run into a failed launch. Destroying the
     group from an ``atexit`` handler, while the interpreter is whole, is what a script would do
-    itself with ``dist.destroy_process_group()``. After a fit that raised, the group is left as it
+    itself with ``dist.destroy_process_group()``. When the last fit raised, the group is left as it
     is: another rank may still be inside a collective, and destroying an NCCL group then can hang.
     """
     if _joined() and not _failed:

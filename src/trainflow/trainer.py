@@ -23,7 +23,7 @@ from trainflow.distributed import (
     RankState,
     check_world_size,
     check_world_size_change,
-    fit_raised,
+    fit_ended,
     local_device,
     resolve,
 )
@@ -255,9 +255,10 @@ class Trainer:
                     self._end_epoch(val_data, val_step)
                 self.events.fire("on_fit_end", self)
             except BaseException as error:
-                fit_raised()
+                fit_ended(raised=True)
                 self.events.fire("on_exception", self, error)
                 raise
+            fit_ended(raised=False)
 
     def _check_fit(self, epochs: Any, max_updates: Any, val_data: Any, val_step: Any) -> None:
         self._check_limits(epochs, max_updates)
