@@ -181,11 +181,12 @@ def test_dataset_not_dividing_leaves_a_rank_empty_and_micro_batches(runs):
     assert r["updates"] == 6
 
 
-def test_a_nonfinite_loss_on_one_rank_makes_every_rank_skip(runs):
-    r = result(runs, "nonfinite")  # every rank: the same counters and weights
-    model = mlp(8)
+def skipping_loop(model_seed: int, data_seed: int) -> torch.nn.Module:
+    """The one-process loop of the non-finite scenarios: 2 epochs of 17 samples in global batches
+    of 4, the batch holding the NaN (batch 1, a row of rank 1's) skipped."""
+    model = mlp(model_seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches = list(global_batches(dataset(17, seed=9, nan_at=9), 4))  # the NaN: batch 1, a row of rank 1's
+    batches = list(global_batches(dataset(17, seed=data_seed, nan_at=9), 4))
     for _ in range(2):
         for i, (x, y) in enumerate(batches):
             if i == 1:
@@ -193,8 +194,13 @@ def test_a_nonfinite_loss_on_one_rank_makes_every_rank_skip(runs):
             opt.zero_grad()
             F.mse_loss(model(x), y).backward()
             opt.step()
+    return model
+
+
+def test_a_nonfinite_loss_on_one_rank_makes_every_rank_skip(runs):
+    r = result(runs, "nonfinite")  # every rank: the same counters and weights
     assert (r["updates"], r["skipped"]) == (6, 2)
-    assert_same(r["params"], {"m": model})
+    assert_same(r["params"], {"m": skipping_loop(8, 9)})
 
 
 def test_a_nonfinite_loss_on_one_rank_raises_on_every_rank(runs):
@@ -383,18 +389,8 @@ def test_fsdp_partial_ownership_clipping_on_the_global_norm_and_an_empty_rank(ru
 
 def test_fsdp_a_nonfinite_loss_on_one_rank_makes_every_rank_skip(runs):
     r = result(runs, "fsdp_nonfinite")
-    model = mlp(46)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches = list(global_batches(dataset(17, seed=47, nan_at=9), 4))  # the NaN: batch 1, a row of rank 1's
-    for _ in range(2):
-        for i, (x, y) in enumerate(batches):
-            if i == 1:
-                continue
-            opt.zero_grad()
-            F.mse_loss(model(x), y).backward()
-            opt.step()
     assert (r["updates"], r["skipped"]) == (6, 2)
-    assert_same(r["params"], {"m": model})
+    assert_same(r["params"], {"m": skipping_loop(46, 47)})
 
 
 def test_fsdp_float32_reduce_scatter_is_a_plain_sum_on_gloo(runs):

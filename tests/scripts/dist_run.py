@@ -41,7 +41,7 @@ import torchmetrics
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_setups import dataset, gan, gan_data, mlp, tokens  # noqa: E402
+from dist_setups import dataset, gan, gan_data, gan_losses, mlp, tokens  # noqa: E402
 from kill_run import digest, final_state  # noqa: E402
 
 import fsdp_run  # noqa: E402
@@ -140,16 +140,7 @@ def gan_flow(out: Path) -> None:
     d_opt = torch.optim.Adam(D.parameters(), lr=0.01)
     g_opt = torch.optim.SGD(G.parameters(), lr=0.05)
 
-    def d_loss(batch):
-        real, z, _ = batch
-        logits = D(torch.cat([G(z), real]))
-        labels = torch.cat([torch.zeros(len(real), 1), torch.ones(len(real), 1)])
-        return Average(F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / 2, len(real))
-
-    def g_loss(batch):
-        _, z, _ = batch
-        return F.binary_cross_entropy_with_logits(D(G(z)), torch.ones(len(z), 1))
-
+    d_loss, g_loss = gan_losses(G, D)
     steps = [Step(d_loss, d_opt, name="D", repeat=3), Step(g_loss, g_opt, name="G", batch="same")]
     trainer = Trainer({"G": G, "D": D}, steps, progress=False)
     trainer.fit(DataLoader(gan_data(24, seed=11), batch_size=4), max_updates=9)

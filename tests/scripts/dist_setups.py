@@ -6,9 +6,13 @@ Everything is float64 and built from fixed seeds, so both sides build the same t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from trainflow import Average
 
 WORLD = 2  # the number of ranks of the scenarios
 
@@ -82,3 +86,20 @@ def d_loss_sum(G: nn.Module, D: nn.Module, real: torch.Tensor, z: torch.Tensor) 
 
 def g_loss_sum(G: nn.Module, D: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(D(G(z)), torch.ones(len(z), 1).double(), reduction="sum")
+
+
+def gan_losses(G: nn.Module, D: nn.Module) -> tuple[Callable, Callable]:
+    """The D and G losses of the GAN scenarios, for ``Step``: each reaches both models, so the
+    steps' isolation is what keeps the other model's gradients untouched."""
+
+    def d_loss(batch):
+        real, z, _ = batch
+        logits = D(torch.cat([G(z), real]))
+        labels = torch.cat([torch.zeros(len(real), 1), torch.ones(len(real), 1)])
+        return Average(nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / 2, len(real))
+
+    def g_loss(batch):
+        _, z, _ = batch
+        return nn.functional.binary_cross_entropy_with_logits(D(G(z)), torch.ones(len(z), 1))
+
+    return d_loss, g_loss
